@@ -1,0 +1,389 @@
+"""Dropout as a pure function: the whole algorithm of jaxdrop lives here.
+
+Each mask element gets 32 random bits ``b`` and is kept when ``b >= t``, where
+the integer threshold ``t`` comes from ``rate``. The keep probability is then
+exactly ``p_keep = (2**32 - t) / 2**32`` and survivors are scaled by exactly
+``1 / p_keep``, so ``E[dropout(x)] == x``.
+
+For threefry keys the bits are JAX's own partitionable-threefry bits,
+recomputed from the key by the fused hash in :mod:`jaxdrop._threefry`; other key
+implementations use ``jax.random.bits``. Either way the mask equals
+``jax.random.bits(key, mask_shape, jnp.uint32) >= t``.
+
+The derivative is a ``custom_jvp`` whose tangent recomputes the mask under
+``jax.checkpoint``: reverse mode keeps only the key, threshold and scale for the
+backward pass, never a mask or a bits array.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdrop import _threefry
+
+_TWO_32 = 2**32
+_THREEFRY = "threefry2x32"
+
+_KEY_HELP = (
+    "Pass a key made with jax.random.key(seed) (or a legacy "
+    "jax.random.PRNGKey(seed)), e.g. dropout(jax.random.key(0), x, rate); in "
+    "a training loop use a fresh key each step, such as "
+    "jax.random.fold_in(key, step). To switch dropout off, pass "
+    "deterministic=True instead."
+)
+
+
+class _Threshold(NamedTuple):
+  """A resolved rate: what the masking kernel needs, all scalars."""
+
+  threshold: jax.Array  # uint32: keep when bits >= threshold.
+  keep_any: jax.Array  # bool: False when rate == 1 (t would be 2**32).
+  scale: jax.Array  # 1 / p_keep in the compute dtype (0 when rate == 1).
+  fill: jax.Array  # value of dropped elements: 0, or NaN for an invalid rate.
+
+
+# ----------------------------------------------------------------------------
+# Argument checking.
+
+
+def static_rate(rate: Any, name: str = "rate") -> float | None:
+  """Validates ``rate``; returns it as a float if static, None if an array.
+
+  Python and NumPy scalars are static: they are checked here and fixed at
+  trace time. A JAX array (or a NumPy array) is dynamic: it may be traced, so
+  a schedule can change it every step without recompiling.
+
+  Raises:
+    TypeError: ``rate`` is not a real number or array of one.
+    ValueError: a static rate outside [0, 1] or NaN, or an array rate that is
+      not a scalar.
+  """
+  if isinstance(rate, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a float in [0, 1], got {name}={rate!r}")
+  if isinstance(rate, (numbers.Real, np.integer, np.floating)):
+    value = float(rate)
+    if not 0.0 <= value <= 1.0:  # False for NaN too.
+      raise ValueError(
+          f"{name} is the probability to drop an element and must be in "
+          f"[0, 1], got {name}={rate!r}"
+      )
+    return value
+  if isinstance(rate, (jax.Array, np.ndarray)):
+    dtype = jnp.result_type(rate)
+    if not (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    ):
+      raise TypeError(
+          f"{name} must be a real number or a real scalar array, got an array "
+          f"of dtype {dtype}"
+      )
+    if np.shape(rate) != ():
+      raise ValueError(
+          f"{name} must be a scalar, got an array of shape {np.shape(rate)}"
+      )
+    return None
+  raise TypeError(
+      f"{name} must be a float in [0, 1] or a scalar JAX array, got "
+      f"{name}={rate!r} of type {type(rate).__name__}"
+  )
+
+
+def check_input(x: Any, name: str = "x") -> jax.Array:
+  """Returns ``x`` as a JAX array; raises TypeError unless it is floating."""
+  try:
+    x = jnp.asarray(x)
+  except TypeError as error:
+    raise TypeError(f"{name} must be an array, got {type(x).__name__}") from error
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(
+        f"{name} must have a floating dtype (float16, bfloat16, float32 or "
+        f"float64), got {name}.dtype={x.dtype}"
+    )
+  return x
+
+
+def check_deterministic(deterministic: Any) -> bool:
+  if isinstance(deterministic, (bool, np.bool_)):
+    return bool(deterministic)
+  raise TypeError(
+      "deterministic must be a Python bool, fixed at trace time, got "
+      f"deterministic={deterministic!r}. To vary dropout strength inside jit, "
+      "pass a traced rate instead (rate 0 switches dropout off)."
+  )
+
+
+def normalize_axes(
+    axes: Sequence[int], ndim: int, name: str = "broadcast_dims"
+) -> tuple[int, ...]:
+  """Non-negative, validated axes; raises on bad types, range or repeats."""
+  if isinstance(axes, (numbers.Integral, np.integer)):
+    axes = (axes,)
+  try:
+    axes = tuple(axes)
+  except TypeError as error:
+    raise TypeError(
+        f"{name} must be a sequence of ints, got {name}={axes!r}"
+    ) from error
+  normalized = []
+  for axis in axes:
+    if isinstance(axis, bool) or not isinstance(axis, (numbers.Integral, np.integer)):
+      raise TypeError(f"{name} must contain ints, got {name}={axes!r}")
+    if not -ndim <= axis < ndim:
+      raise ValueError(
+          f"{name}={axes!r} has axis {axis}, out of range for an input of "
+          f"{ndim} dimensions"
+      )
+    normalized.append(int(axis) % ndim)
+  if len(set(normalized)) != len(normalized):
+    raise ValueError(f"{name}={axes!r} repeats an axis")
+  return tuple(normalized)
+
+
+def check_shape(shape: Any, name: str = "shape") -> tuple[int, ...]:
+  if isinstance(shape, (numbers.Integral, np.integer)):
+    shape = (shape,)
+  try:
+    shape = tuple(shape)
+  except TypeError as error:
+    raise TypeError(f"{name} must be a tuple of ints, got {name}={shape!r}") from error
+  for dim in shape:
+    if isinstance(dim, bool) or not isinstance(dim, (numbers.Integral, np.integer)):
+      raise TypeError(f"{name} must be a tuple of ints, got {name}={shape!r}")
+    if dim < 0:
+      raise ValueError(f"{name} must not have negative sizes, got {name}={shape!r}")
+  return tuple(int(d) for d in shape)
+
+
+def split_key(key: Any) -> tuple[jax.Array, str]:
+  """Returns ``(key_data, impl_name)`` for a typed or legacy raw PRNG key.
+
+  Raises:
+    ValueError: ``key`` is None, or a batch of keys.
+    TypeError: ``key`` is not a PRNG key.
+  """
+  if key is None:
+    raise ValueError(f"key=None, but dropout is active (deterministic=False). {_KEY_HELP}")
+  if not isinstance(key, (jax.Array, np.ndarray)):
+    raise TypeError(
+        f"key must be a JAX PRNG key, got {type(key).__name__} ({key!r}). {_KEY_HELP}"
+    )
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    typed = key
+  elif key.dtype == jnp.uint32:
+    default_shape = jax.random.key_data(jax.random.key(0)).shape
+    if key.shape != default_shape:
+      raise TypeError(
+          f"key must be a PRNG key; a raw uint32 key has shape {default_shape}, "
+          f"got shape {key.shape}. {_KEY_HELP}"
+      )
+    typed = jax.random.wrap_key_data(key)
+  else:
+    raise TypeError(
+        f"key must be a JAX PRNG key, got an array of dtype {key.dtype} and "
+        f"shape {key.shape}. {_KEY_HELP}"
+    )
+  if typed.shape != ():
+    raise ValueError(
+        f"key must be a single key, got a batch of keys of shape {typed.shape}; "
+        "use jax.vmap to give each example its own key"
+    )
+  return jax.random.key_data(typed), str(jax.random.key_impl(typed))
+
+
+# ----------------------------------------------------------------------------
+# Rate to threshold.
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+  """float32, or wider: bf16/f16 inputs are scaled in float32, then cast once."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def resolve_rate(rate: Any, dtype: Any) -> _Threshold:
+  """Threshold, scale and fill for a rate in [0, 1) (static) or any array."""
+  dtype = compute_dtype(dtype)
+  fixed = static_rate(rate)
+  if fixed is not None:
+    # Exact integer arithmetic: |p_keep - (1 - rate)| <= 2**-33. A rate just
+    # below 1 keeps one value in 2**32 rather than rounding to "drop all", so
+    # the expectation stays exact.
+    threshold = min(round(fixed * _TWO_32), _TWO_32 - 1)
+    return _Threshold(
+        threshold=jnp.asarray(threshold, jnp.uint32),
+        keep_any=jnp.asarray(True),
+        scale=jnp.asarray(_TWO_32 / (_TWO_32 - threshold), dtype),
+        fill=jnp.zeros((), dtype),
+    )
+  rate = jax.lax.stop_gradient(jnp.asarray(rate))
+  rate = rate.astype(jnp.promote_types(rate.dtype, jnp.float32))
+  valid = (rate >= 0) & (rate <= 1)  # False for NaN.
+  keep_any = rate < 1
+  # For rate < 1 in float32, rate * 2**32 <= 2**32 - 256: the cast is safe.
+  two_32 = np.asarray(_TWO_32, rate.dtype)
+  threshold = jnp.minimum(jnp.round(rate * two_32), two_32 - 1)
+  threshold = jnp.where(valid & keep_any, threshold, 0)
+  p_keep = (two_32 - threshold) / two_32
+  scale = jnp.where(keep_any, 1 / p_keep, 0)
+  return _Threshold(
+      threshold=threshold.astype(jnp.uint32),
+      keep_any=keep_any,
+      scale=jnp.where(valid, scale, jnp.nan).astype(dtype),
+      fill=jnp.where(valid, 0, jnp.nan).astype(dtype),
+  )
+
+
+# ----------------------------------------------------------------------------
+# The masking kernel.
+
+
+def random_bits(key_data: jax.Array, impl: str, shape: tuple[int, ...]) -> jax.Array:
+  """``jax.random.bits(key, shape, jnp.uint32)``, fused where possible."""
+  if impl == _THREEFRY and math.prod(shape) < _threefry.MAX_FUSED_SIZE:
+    return _threefry.bits32(key_data, shape)
+  key = jax.random.wrap_key_data(key_data, impl=impl)
+  return jax.random.bits(key, shape, jnp.uint32)
+
+
+def _keep(key_data, impl, mask_shape, resolved: _Threshold) -> jax.Array:
+  bits = random_bits(key_data, impl, mask_shape)
+  return (bits >= resolved.threshold) & resolved.keep_any
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _masked_scale(impl, mask_shape, key_data, x, resolved):
+  keep = _keep(key_data, impl, mask_shape, resolved)
+  y = x.astype(resolved.scale.dtype) * resolved.scale
+  return jnp.where(keep, y, resolved.fill).astype(x.dtype)
+
+
+@_masked_scale.defjvp
+def _masked_scale_jvp(impl, mask_shape, primals, tangents):
+  key_data, x, resolved = primals
+  x_dot = tangents[1]
+  y = _masked_scale(impl, mask_shape, key_data, x, resolved)
+  # The tangent is linear in x_dot; under checkpoint its transpose recomputes
+  # the mask from the key instead of keeping it alive for the backward pass.
+  tangent_resolved = resolved._replace(fill=resolved.fill * 0)
+  y_dot = jax.checkpoint(_masked_scale.fun, static_argnums=(0, 1))(
+      impl, mask_shape, key_data, x_dot, tangent_resolved
+  )
+  return y, y_dot
+
+
+def mask_shape_for(shape: tuple[int, ...], broadcast_dims: Sequence[int]) -> tuple[int, ...]:
+  axes = normalize_axes(broadcast_dims, len(shape))
+  return tuple(1 if axis in axes else size for axis, size in enumerate(shape))
+
+
+# ----------------------------------------------------------------------------
+# Public functions.
+
+
+def dropout(
+    key: jax.typing.ArrayLike | None,
+    x: jax.typing.ArrayLike,
+    rate: float | jax.typing.ArrayLike,
+    deterministic: bool = False,
+    *,
+    broadcast_dims: Sequence[int] = (),
+) -> jax.Array:
+  """Randomly zeroes elements of ``x`` and rescales the rest.
+
+  Each element is dropped (set to 0) with probability ``rate`` -- **rate is
+  the probability to drop, not to keep** -- and every kept element becomes
+  ``x / p_keep``, so the expected output equals ``x``:
+
+    y = where(bits >= t, x * (1 / p_keep), 0),  p_keep = (2**32 - t) / 2**32
+
+  with ``bits = jax.random.bits(key, mask_shape, jnp.uint32)`` and the integer
+  threshold ``t = round(rate * 2**32)``. ``p_keep`` is the exact keep
+  probability (within 2**-32 of ``1 - rate`` for a Python float rate), so the
+  mean is exact, not just close. The scale is applied in float32 (or the
+  input's wider dtype) and the result cast once to ``x.dtype``.
+
+  Args:
+    key: a PRNG key (``jax.random.key`` or a legacy ``jax.random.PRNGKey``).
+      Threefry keys, the default, use a fused hash that gives the same bits
+      as ``jax.random.bits``; other implementations call it directly. May be
+      None when ``deterministic`` is True.
+    x: the input, of a floating dtype.
+    rate: probability to drop each element. A Python float in [0, 1] is fixed
+      at trace time; a scalar JAX array may be traced (e.g. a schedule's
+      value), and a traced rate outside [0, 1] or NaN makes the output NaN
+      rather than being clipped.
+    deterministic: if True, return ``x`` unchanged (evaluation mode).
+    broadcast_dims: axes along which the mask is shared (the mask has size 1
+      there), e.g. ``(1,)`` for one mask per example over a sequence axis.
+
+  Returns:
+    An array with the shape and dtype of ``x``.
+
+  Raises:
+    ValueError: a static ``rate`` outside [0, 1] or NaN; ``key`` is None
+      while dropout is active; ``broadcast_dims`` out of range or repeated.
+    TypeError: ``x`` is not floating; ``key`` is not a PRNG key.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxdrop
+    >>> y = jaxdrop.dropout(jax.random.key(0), jnp.ones(8), rate=0.5)
+    >>> bool(jnp.all((y == 0) | (y == 2)))
+    True
+    >>> jaxdrop.dropout(None, jnp.ones(3), 0.5, deterministic=True)
+    Array([1., 1., 1.], dtype=float32)
+  """
+  x = check_input(x)
+  fixed = static_rate(rate)
+  mask_shape = mask_shape_for(x.shape, broadcast_dims)
+  if check_deterministic(deterministic) or fixed == 0.0:
+    return x
+  key_data, impl = split_key(key)
+  if fixed == 1.0:
+    return jnp.zeros_like(x)
+  resolved = resolve_rate(rate, x.dtype)
+  return _masked_scale(impl, mask_shape, key_data, x, resolved)
+
+
+def keep_mask(
+    key: jax.typing.ArrayLike,
+    shape: Sequence[int],
+    rate: float | jax.typing.ArrayLike,
+) -> jax.Array:
+  """The boolean mask (True = kept) that :func:`dropout` uses for ``shape``.
+
+  ``dropout(key, x, rate)`` equals ``where(keep_mask(key, x.shape, rate),
+  x / p_keep, 0)``; with ``broadcast_dims``, pass the mask shape (size 1 on
+  those axes). Each element is kept with probability exactly
+  ``(2**32 - t) / 2**32``, ``t = round(rate * 2**32)``.
+
+  Args:
+    key: a PRNG key, as for :func:`dropout`.
+    shape: the mask shape.
+    rate: probability to drop, as for :func:`dropout`. A traced rate outside
+      [0, 1] or NaN gives an all-False mask (``dropout`` gives NaN).
+
+  Returns:
+    A bool array of ``shape``.
+
+  Examples:
+    >>> import jax, jaxdrop
+    >>> jaxdrop.keep_mask(jax.random.key(0), (4,), 0.0)
+    Array([ True,  True,  True,  True], dtype=bool)
+  """
+  shape = check_shape(shape)
+  fixed = static_rate(rate)
+  key_data, impl = split_key(key)
+  if fixed == 0.0:
+    return jnp.ones(shape, bool)
+  if fixed == 1.0:
+    return jnp.zeros(shape, bool)
+  resolved = resolve_rate(rate, jnp.float32)
+  keep = _keep(key_data, impl, shape, resolved)
+  return keep & ~jnp.isnan(resolved.fill)

@@ -1,0 +1,88 @@
+"""Threefry-2x32 written as plain ``jax.numpy`` integer ops, so XLA can fuse it.
+
+JAX lowers ``jax.random.bits`` on CPU to a rolled loop over whole arrays, so the
+hash cannot fuse with the comparison and select that use its output. The same
+function written as twenty unrolled add/rotate/xor steps over per-element
+counters is an ordinary elementwise expression: XLA fuses hash, threshold and
+select into one pass over memory.
+
+The construction follows JAX's partitionable threefry (the default since
+jax 0.5): the element at row-major linear index ``i`` hashes the counter pair
+``(i >> 32, i & 0xFFFFFFFF)`` and its 32 random bits are the XOR of the two
+output words. :func:`bits32` therefore equals
+``jax.random.bits(key, shape, jnp.uint32)`` bit for bit; the tests check it.
+
+Reference: Salmon, Moraes, Dror and Shaw (2011), "Parallel random numbers: as
+easy as 1, 2, 3".
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Rotation constants of Threefry-2x32 (Salmon et al. 2011, table 4) and the
+# key-schedule parity constant.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PARITY = np.uint32(0x1BD11BDA)
+
+# Largest mask we hash ourselves: counters then fit the low word and the high
+# word is zero. Bigger masks use ``jax.random.bits``, which handles 64-bit
+# counters (and is still bit-identical, only slower).
+MAX_FUSED_SIZE = 2**32
+
+
+def _rotl(x: jax.Array, r: int) -> jax.Array:
+  return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def threefry2x32(
+    k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Threefry-2x32 with 20 rounds on uint32 arrays (keys broadcast)."""
+  ks = (k0, k1, k0 ^ k1 ^ _PARITY)
+  x0 = x0 + ks[0]
+  x1 = x1 + ks[1]
+  for block in range(5):
+    for r in _ROTATIONS[block % 2]:
+      x0 = x0 + x1
+      x1 = _rotl(x1, r)
+      x1 = x1 ^ x0
+    x0 = x0 + ks[(block + 1) % 3]
+    x1 = x1 + ks[(block + 2) % 3] + np.uint32(block + 1)
+  return x0, x1
+
+
+def linear_index(shape: tuple[int, ...]) -> jax.Array:
+  """uint32 row-major index of every element of ``shape`` (size < 2**32).
+
+  Built from one ``iota`` per axis rather than a reshaped ``arange`` so that a
+  sharded consumer computes only its own slice of counters: XLA's partitioner
+  offsets each device's iota, and no collective is needed.
+  """
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    if shape[axis] > 1:
+      iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+      index = index + iota * np.uint32(stride)
+    stride *= shape[axis]
+  return index
+
+
+def bits32(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """uint32 bits equal to ``jax.random.bits(key, shape, jnp.uint32)``.
+
+  Args:
+    key_data: the uint32[2] data of a threefry key.
+    shape: the output shape; its size must be below ``MAX_FUSED_SIZE``.
+  """
+  if math.prod(shape) >= MAX_FUSED_SIZE:
+    raise ValueError(f"shape={shape} has 2**32 or more elements")
+  hi = jnp.zeros((), jnp.uint32)
+  lo = linear_index(shape)
+  y0, y1 = threefry2x32(key_data[0], key_data[1], hi, lo)
+  return y0 ^ y1
