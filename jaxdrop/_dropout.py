@@ -204,7 +204,8 @@ def split_key(key: Any) -> tuple[jax.Array, str]:
 
 def compute_dtype(dtype: Any) -> np.dtype:
   """float32, or wider: bf16/f16 inputs are scaled in float32, then cast once."""
-  return jnp.promote_types(dtype, jnp.float32)
+  dtype = np.dtype(dtype)
+  return dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
 
 
 def resolve_rate(rate: Any, dtype: Any) -> _Threshold:
@@ -223,7 +224,7 @@ def resolve_rate(rate: Any, dtype: Any) -> _Threshold:
         fill=jnp.zeros((), dtype),
     )
   rate = jax.lax.stop_gradient(jnp.asarray(rate))
-  rate = rate.astype(jnp.promote_types(rate.dtype, jnp.float32))
+  rate = rate.astype(jnp.float64 if rate.dtype == jnp.float64 else jnp.float32)
   valid = (rate >= 0) & (rate <= 1)  # False for NaN.
   keep_any = rate < 1
   # For rate < 1 in float32, rate * 2**32 <= 2**32 - 256: the cast is safe.

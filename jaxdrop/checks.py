@@ -132,8 +132,8 @@ def assert_dropout_output(
     index = tuple(int(i) for i in np.argwhere(bad)[0])
     raise AssertionError(
         f"{int(bad.sum())} element(s) are neither 0 nor x / p_keep "
-        f"(scale {scale!r}); first at {index}: x={xs[index]!r}, y={ys[index]!r}, "
-        f"expected 0 or {scaled[index]!r}"
+        f"(scale {scale!r}); first at {index}: x={float(xs[index])!r}, "
+        f"y={float(ys[index])!r}, expected 0 or {float(scaled[index])!r}"
     )
   counted = xs != 0
   kept = counted & ~is_zero

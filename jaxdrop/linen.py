@@ -21,7 +21,8 @@ def dropout_key(module: nn.Module, rng_collection: str) -> jax.Array:
   """``module.make_rng(rng_collection)``, refusing flax's 'params' fallback."""
   if not module.has_rng(rng_collection):
     raise ValueError(
-        f"{type(module).__name__} {module.name!r} is active (deterministic=False) "
+        f"{type(module).__name__}{f' {module.name!r}' if module.name else ''} is "
+        "active (deterministic=False) "
         f"but no {rng_collection!r} rng stream was given. Options:\n"
         f"  1. model.apply(variables, x, rngs={{{rng_collection!r}: key}})\n"
         f"     (and model.init({{'params': k1, {rng_collection!r}: k2}}, x) if "

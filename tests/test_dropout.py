@@ -1,0 +1,495 @@
+"""Tests of jaxdrop.dropout and jaxdrop.keep_mask (jaxdrop/_dropout.py)."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import stats
+
+import jaxdrop
+from jaxdrop import _threefry
+from conftest import K_SIGMA, assert_binomial_fraction, maybe_jit
+
+TWO_32 = 2**32
+
+
+@pytest.fixture(autouse=True)
+def strict_promotion():
+  """No implicit dtype or rank promotion may hide in the core (equinox)."""
+  with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+    yield
+
+
+def threshold(rate: float) -> int:
+  return min(round(rate * TWO_32), TWO_32 - 1)
+
+
+def reference(key, x, rate, mask_shape=None):
+  """dropout written from jax.random.bits, for comparison."""
+  mask_shape = x.shape if mask_shape is None else mask_shape
+  t = threshold(rate)
+  keep = jax.random.bits(key, mask_shape, jnp.uint32) >= np.uint32(t)
+  scale = np.float32(TWO_32 / (TWO_32 - t))
+  return jnp.where(keep, x.astype(jnp.float32) * scale, np.float32(0)).astype(x.dtype)
+
+
+SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 3, 4), (33, 1, 17), (1000,), (0, 3)]
+
+
+# ---------------------------------------------------------------------------
+# Bits: equal to jax.random.bits.
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("make_key", [jax.random.key, jax.random.PRNGKey], ids=["typed", "raw"])
+def test_bits_equal_jax_random_bits(shape, make_key):
+  key = make_key(1234)
+  typed = jax.random.wrap_key_data(key) if make_key is jax.random.PRNGKey else key
+  expected = jax.random.bits(key, shape, jnp.uint32)
+  np.testing.assert_array_equal(
+      _threefry.bits32(jax.random.key_data(typed), shape), expected
+  )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**31 - 1, 987654321])
+def test_keep_mask_is_threshold_of_jax_random_bits(seed, use_jit):
+  key = jax.random.key(seed)
+  fn = maybe_jit(jaxdrop.keep_mask, use_jit, static_argnums=(1, 2))
+  for rate in (0.1, 0.5, 0.9):
+    bits = jax.random.bits(key, (37, 11), jnp.uint32)
+    np.testing.assert_array_equal(fn(key, (37, 11), rate), bits >= np.uint32(threshold(rate)))
+
+
+def test_dropout_equals_reference_from_jax_random_bits(use_jit):
+  key = jax.random.key(7)
+  x = jax.random.normal(jax.random.key(8), (64, 33))
+  fn = maybe_jit(jaxdrop.dropout, use_jit, static_argnums=(2,))
+  for rate in (0.05, 0.3, 0.5, 0.95):
+    np.testing.assert_array_equal(fn(key, x, rate), reference(key, x, rate))
+
+
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg", "threefry2x32"])
+def test_every_key_implementation_thresholds_its_own_bits(impl):
+  key = jax.random.key(3, impl=impl)
+  x = jnp.arange(1.0, 301.0).reshape(20, 15)
+  np.testing.assert_array_equal(jaxdrop.dropout(key, x, 0.4), reference(key, x, 0.4))
+  np.testing.assert_array_equal(
+      jaxdrop.keep_mask(key, (20, 15), 0.4),
+      jax.random.bits(key, (20, 15), jnp.uint32) >= np.uint32(threshold(0.4)),
+  )
+
+
+def test_raw_and_typed_keys_agree():
+  raw = jax.random.PRNGKey(42)
+  x = jnp.ones((50,))
+  np.testing.assert_array_equal(
+      jaxdrop.dropout(raw, x, 0.5), jaxdrop.dropout(jax.random.wrap_key_data(raw), x, 0.5)
+  )
+
+
+# ---------------------------------------------------------------------------
+# Values and statistics.
+
+
+def test_every_element_is_zero_or_scaled():
+  x = jax.random.normal(jax.random.key(0), (4096,))
+  for rate in (0.1, 0.5, 0.8):
+    y = jaxdrop.dropout(jax.random.key(1), x, rate)
+    jaxdrop.checks.assert_dropout_output(x, y, rate)
+
+
+def test_scale_is_exact_inverse_keep_probability():
+  # A kept element of value 1 carries exactly float32(2**32 / (2**32 - t)).
+  for rate in (0.1, 1 / 3, 0.5, 0.999):
+    y = np.asarray(jaxdrop.dropout(jax.random.key(0), jnp.ones(4096), rate))
+    kept = y[y != 0]
+    assert kept.size > 0
+    np.testing.assert_array_equal(kept, np.float32(TWO_32 / (TWO_32 - threshold(rate))))
+
+
+def test_keep_probability_is_exact_for_python_floats():
+  for rate in (1e-12, 0.1, 0.3, 0.5, 1 - 1e-12):
+    t = threshold(rate)
+    p_keep = (TWO_32 - t) / TWO_32
+    assert abs(p_keep - (1 - rate)) <= 2.0**-32
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
+def test_keep_fraction_within_binomial_bound(rate):
+  n = 200_000
+  kept = int(jnp.sum(jaxdrop.keep_mask(jax.random.key(11), (n,), rate)))
+  assert_binomial_fraction(kept, n, 1 - rate)
+
+
+def test_keeps_are_uniform_over_positions_chi_square():
+  # 400 keys x 50 positions: each position's keep count is Binomial(400, p).
+  # The sum of squared standardized counts is ~ chi-square with 50 dof.
+  rate, num_keys, positions = 0.3, 400, 50
+  keys = jax.random.split(jax.random.key(5), num_keys)
+  masks = jax.vmap(lambda k: jaxdrop.keep_mask(k, (positions,), rate))(keys)
+  counts = np.asarray(masks.sum(axis=0), np.float64)
+  p = 1 - rate
+  chi2 = np.sum((counts - num_keys * p) ** 2 / (num_keys * p * (1 - p)))
+  assert chi2 < stats.chi2.ppf(1 - 1e-4, df=positions), chi2
+
+
+def test_mean_over_keys_equals_input():
+  # E[y] = x: over N keys, mean(y_i) - x_i has sd x_i * sqrt(rate / (1-rate) / N).
+  rate, n_keys = 0.5, 2000
+  x = jnp.linspace(0.5, 2.0, 16)
+  keys = jax.random.split(jax.random.key(9), n_keys)
+  ys = jax.vmap(lambda k: jaxdrop.dropout(k, x, rate))(keys)
+  sd = x * math.sqrt(rate / (1 - rate) / n_keys)
+  assert np.all(np.abs(ys.mean(axis=0) - x) <= K_SIGMA * sd)
+  # Pooled over the 16 positions (each standardized) the bound is tighter.
+  z = (ys.mean(axis=0) - x) / sd
+  assert abs(float(z.sum())) / 4.0 <= K_SIGMA
+
+
+@pytest.mark.parametrize(
+    "second", ["other_seed", "fold_in"], ids=["different_keys", "fold_in_steps"]
+)
+def test_masks_of_different_keys_are_independent(second):
+  # Two independent masks agree on a fraction p^2 + (1-p)^2 of elements.
+  rate, n = 0.5, 100_000
+  base = jax.random.key(0)
+  other = jax.random.key(1) if second == "other_seed" else jax.random.fold_in(base, 1)
+  a = jaxdrop.keep_mask(base, (n,), rate)
+  b = jaxdrop.keep_mask(other, (n,), rate)
+  assert not np.array_equal(a, b)
+  p = 1 - rate
+  assert_binomial_fraction(int(jnp.sum(a == b)), n, p**2 + (1 - p) ** 2)
+
+
+def test_same_key_same_output_different_key_different_output():
+  x = jnp.ones((256,))
+  a = jaxdrop.dropout(jax.random.key(0), x, 0.5)
+  np.testing.assert_array_equal(a, jaxdrop.dropout(jax.random.key(0), x, 0.5))
+  assert not np.array_equal(a, jaxdrop.dropout(jax.random.key(1), x, 0.5))
+
+
+# ---------------------------------------------------------------------------
+# broadcast_dims.
+
+
+@pytest.mark.parametrize("dims", [(0,), (-1,), (1, 2), (-3, -1)])
+def test_broadcast_dims_share_the_mask(dims):
+  x = jnp.ones((6, 5, 4))
+  key = jax.random.key(2)
+  y = jaxdrop.dropout(key, x, 0.5, broadcast_dims=dims)
+  axes = tuple(d % 3 for d in dims)
+  mask_shape = tuple(1 if a in axes else s for a, s in enumerate(x.shape))
+  np.testing.assert_array_equal(y, reference(key, x, 0.5, mask_shape))
+  first = np.take(np.asarray(y), [0], axis=axes[0])
+  np.testing.assert_array_equal(np.broadcast_to(first, y.shape), y)
+
+
+@pytest.mark.parametrize(
+    "dims, match",
+    [((3,), "out of range"), ((-4,), "out of range"), ((0, 0), "repeats"), ((1, -2), "repeats")],
+)
+def test_bad_broadcast_dims_raise_value_error(dims, match):
+  with pytest.raises(ValueError, match=match):
+    jaxdrop.dropout(jax.random.key(0), jnp.ones((2, 3, 4)), 0.5, broadcast_dims=dims)
+
+
+def test_broadcast_dims_of_wrong_type_raise_type_error():
+  with pytest.raises(TypeError, match="broadcast_dims"):
+    jaxdrop.dropout(jax.random.key(0), jnp.ones((2, 3)), 0.5, broadcast_dims=(0.5,))
+
+
+# ---------------------------------------------------------------------------
+# Edge cases: deterministic, rate 0 and 1, traced rates.
+
+
+def test_deterministic_returns_input_and_needs_no_key():
+  x = jnp.arange(5.0)
+  assert jaxdrop.dropout(None, x, 0.5, deterministic=True) is x
+
+
+def test_static_rate_zero_has_no_random_ops():
+  x = jnp.arange(5.0)
+  jaxpr = jax.make_jaxpr(lambda k, x: jaxdrop.dropout(k, x, 0.0))(jax.random.key(0), x)
+  assert jaxpr.jaxpr.eqns == []  # nothing at all: x is returned as is.
+  np.testing.assert_array_equal(jaxdrop.dropout(None, x, 0.0), x)
+
+
+def test_static_rate_one_gives_zeros_and_zero_gradient():
+  x = jnp.arange(1.0, 6.0)
+  key = jax.random.key(0)
+  np.testing.assert_array_equal(jaxdrop.dropout(key, x, 1.0), jnp.zeros(5))
+  grad = jax.grad(lambda x: jaxdrop.dropout(key, x, 1.0).sum())(x)
+  np.testing.assert_array_equal(grad, jnp.zeros(5))
+
+
+def test_traced_rate_covers_zero_and_one_without_retracing():
+  traces = []
+
+  @jax.jit
+  def step(key, x, rate):
+    traces.append(None)
+    y, grad = jax.value_and_grad(lambda x: jaxdrop.dropout(key, x, rate).sum())(x)
+    return y, grad
+
+  x = jnp.arange(1.0, 101.0)
+  key = jax.random.key(4)
+  y, grad = step(key, x, jnp.float32(0.0))
+  np.testing.assert_array_equal(grad, jnp.ones(100))
+  assert float(y) == float(x.sum())
+  y, grad = step(key, x, jnp.float32(1.0))
+  assert float(y) == 0.0
+  np.testing.assert_array_equal(grad, jnp.zeros(100))
+  y, grad = step(jax.random.key(5), x, jnp.float32(0.5))
+  assert np.all(np.isfinite(grad))
+  assert len(traces) == 1
+
+
+def test_traced_rate_matches_static_rate_for_exact_values():
+  # 0.25 and 0.5 are exact in float32, so the thresholds are the same.
+  key = jax.random.key(6)
+  x = jnp.arange(1.0, 201.0)
+  for rate in (0.25, 0.5):
+    np.testing.assert_array_equal(
+        jax.jit(jaxdrop.dropout)(key, x, jnp.float32(rate)), jaxdrop.dropout(key, x, rate)
+    )
+
+
+@pytest.mark.parametrize("rate", [-0.5, 1.5, float("nan"), float("inf")])
+def test_invalid_traced_rate_gives_nan_not_a_clip(rate):
+  y = jax.jit(jaxdrop.dropout)(jax.random.key(0), jnp.ones(64), jnp.float32(rate))
+  assert np.all(np.isnan(y))
+  mask = jax.jit(jaxdrop.keep_mask, static_argnums=1)(jax.random.key(0), (64,), jnp.float32(rate))
+  assert not np.any(mask)
+
+
+def test_no_gradient_flows_to_rate():
+  key = jax.random.key(0)
+  x = jnp.arange(1.0, 65.0)
+  grad = jax.grad(lambda r: jaxdrop.dropout(key, x, r).sum())(jnp.float32(0.3))
+  assert float(grad) == 0.0
+
+
+def test_gradient_flows_through_kept_elements_only(use_jit):
+  key = jax.random.key(1)
+  x = jnp.arange(1.0, 129.0)
+  rate = 0.3
+  grad_fn = maybe_jit(jax.grad(lambda x: jnp.sum(jaxdrop.dropout(key, x, rate) * x)), use_jit)
+  keep = jaxdrop.keep_mask(key, x.shape, rate)
+  scale = np.float32(TWO_32 / (TWO_32 - threshold(rate)))
+  np.testing.assert_allclose(grad_fn(x), jnp.where(keep, 2 * x * scale, 0), rtol=1e-6)
+
+
+def test_forward_mode_jvp_matches_reverse_mode():
+  key = jax.random.key(2)
+  x = jnp.arange(1.0, 33.0)
+  f = lambda x: jaxdrop.dropout(key, x, 0.4)  # noqa: E731
+  primal, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
+  np.testing.assert_array_equal(primal, f(x))
+  np.testing.assert_array_equal(tangent, jax.grad(lambda x: f(x).sum())(x))
+  hessian_vector = jax.jvp(jax.grad(lambda x: jnp.sum(f(x) ** 2)), (x,), (x,))[1]
+  assert np.all(np.isfinite(hessian_vector))
+
+
+# ---------------------------------------------------------------------------
+# Errors.
+
+
+@pytest.mark.parametrize("rate", [-0.5, 1.5, float("nan"), -1e-9, 1 + 1e-9, float("inf")])
+def test_bad_static_rate_raises_value_error_naming_it(rate):
+  with pytest.raises(ValueError, match=r"rate=(-0\.5|1\.5|nan|-1e-09|1\.000000001|inf)"):
+    jaxdrop.dropout(jax.random.key(0), jnp.ones(3), rate)
+  with pytest.raises(ValueError, match="rate="):
+    jaxdrop.keep_mask(jax.random.key(0), (3,), rate)
+
+
+def test_bad_static_rate_raises_even_when_deterministic():
+  with pytest.raises(ValueError, match="rate=2"):
+    jaxdrop.dropout(None, jnp.ones(3), 2, deterministic=True)
+
+
+@pytest.mark.parametrize("rate", [True, "0.5", None, [0.5]])
+def test_rate_of_wrong_type_raises_type_error(rate):
+  with pytest.raises(TypeError, match="rate"):
+    jaxdrop.dropout(jax.random.key(0), jnp.ones(3), rate)
+
+
+def test_rate_array_that_is_not_scalar_raises_value_error():
+  with pytest.raises(ValueError, match=r"scalar.*\(2,\)"):
+    jaxdrop.dropout(jax.random.key(0), jnp.ones(3), jnp.array([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.bool_, jnp.complex64])
+def test_non_floating_input_raises_type_error(dtype):
+  with pytest.raises(TypeError, match=r"x\.dtype="):
+    jaxdrop.dropout(jax.random.key(0), jnp.ones(3, dtype), 0.5)
+
+
+def test_missing_key_raises_value_error_saying_how_to_pass_one():
+  with pytest.raises(ValueError, match=r"key=None.*jax\.random\.key\(seed\)"):
+    jaxdrop.dropout(None, jnp.ones(3), 0.5)
+
+
+@pytest.mark.parametrize(
+    "key", [0, "key", jnp.ones(2), jnp.zeros(3, jnp.uint32), np.zeros(2, np.int32)],
+    ids=["int", "str", "float_array", "uint32_wrong_shape", "int32_array"],
+)
+def test_something_that_is_not_a_key_raises_type_error(key):
+  with pytest.raises(TypeError, match="key must be"):
+    jaxdrop.dropout(key, jnp.ones(3), 0.5)
+
+
+def test_a_batch_of_keys_raises_value_error_pointing_to_vmap():
+  with pytest.raises(ValueError, match="vmap"):
+    jaxdrop.dropout(jax.random.split(jax.random.key(0), 2), jnp.ones(3), 0.5)
+
+
+def test_traced_deterministic_raises_type_error():
+  with pytest.raises(TypeError, match="deterministic"):
+    jax.jit(lambda d: jaxdrop.dropout(jax.random.key(0), jnp.ones(3), 0.5, d))(True)
+
+
+@pytest.mark.parametrize("shape", [(-1,), (2.0,), "ab"])
+def test_keep_mask_rejects_bad_shapes(shape):
+  with pytest.raises((TypeError, ValueError), match="shape"):
+    jaxdrop.keep_mask(jax.random.key(0), shape, 0.5)
+
+
+# ---------------------------------------------------------------------------
+# dtypes.
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_dtype_and_shape_survive(dtype, use_jit):
+  x = jnp.ones((3, 7), dtype)
+  fn = maybe_jit(jaxdrop.dropout, use_jit, static_argnums=(2,))
+  y = fn(jax.random.key(0), x, 0.3)
+  chex.assert_shape(y, x.shape)
+  chex.assert_type(y, dtype)
+
+
+def test_float64_survives_with_x64():
+  with jax.enable_x64(True):
+    x = jnp.ones((3, 7), jnp.float64)
+    y = jaxdrop.dropout(jax.random.key(0), x, 1 / 3)
+    chex.assert_type(y, jnp.float64)
+    kept = np.asarray(y)[np.asarray(y) != 0]
+    np.testing.assert_array_equal(kept, TWO_32 / (TWO_32 - threshold(1 / 3)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_outputs_round_once_from_float32(dtype):
+  # The scale is applied in float32 and the product rounded once, so the
+  # output is the correctly rounded x / p_keep: no bias from a scale that
+  # was first rounded to 16 bits (1/0.9 rounds to 1.109375 in bfloat16).
+  rate = 0.1
+  x = jax.random.uniform(jax.random.key(0), (4096,), minval=1.0, maxval=2.0).astype(dtype)
+  y = jaxdrop.dropout(jax.random.key(1), x, rate)
+  expected = reference(jax.random.key(1), x, rate)
+  np.testing.assert_array_equal(y, expected)
+
+
+# ---------------------------------------------------------------------------
+# Transformations.
+
+
+def test_no_retrace_when_only_the_key_changes():
+  traces = []
+
+  @jax.jit
+  def f(key, x):
+    traces.append(None)
+    return jaxdrop.dropout(key, x, 0.5)
+
+  x = jnp.ones(10)
+  for seed in range(4):
+    f(jax.random.key(seed), x)
+  assert len(traces) == 1
+
+
+def test_vmap_over_keys_gives_each_example_its_own_mask():
+  keys = jax.random.split(jax.random.key(0), 5)
+  x = jnp.arange(1.0, 41.0).reshape(5, 8)
+  batched = jax.vmap(lambda k, x: jaxdrop.dropout(k, x, 0.5))(keys, x)
+  for i in range(5):
+    np.testing.assert_array_equal(batched[i], jaxdrop.dropout(keys[i], x[i], 0.5))
+  assert len({tuple(np.asarray(row != 0)) for row in batched}) > 1
+
+
+def test_vmap_over_raw_keys_and_traced_rates():
+  keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(3))
+  rates = jnp.array([0.0, 0.5, 1.0], jnp.float32)
+  x = jnp.ones((3, 16))
+  out = jax.vmap(jaxdrop.dropout)(keys, x, rates)
+  np.testing.assert_array_equal(out[0], x[0])
+  np.testing.assert_array_equal(out[2], jnp.zeros(16))
+  np.testing.assert_array_equal(out[1], jaxdrop.dropout(keys[1], x[1], 0.5))
+
+
+def test_scan_with_fold_in_equals_a_python_loop():
+  base = jax.random.key(3)
+  x = jnp.ones(32)
+
+  def body(carry, step):
+    return carry, jaxdrop.dropout(jax.random.fold_in(base, step), x, 0.5)
+
+  _, scanned = jax.lax.scan(body, None, jnp.arange(4))
+  for step in range(4):
+    np.testing.assert_array_equal(
+        scanned[step], jaxdrop.dropout(jax.random.fold_in(base, step), x, 0.5)
+    )
+
+
+# ---------------------------------------------------------------------------
+# Memory: backward keeps nothing but the key.
+
+
+def _mlp_step_temp_bytes(layer) -> int:
+  sizes = [784, 1024, 1024, 10]
+  params = [
+      (jnp.zeros((a, b)), jnp.zeros((b,))) for a, b in zip(sizes[:-1], sizes[1:])
+  ]
+  optimizer = optax.adam(1e-3)
+
+  def loss(params, x, y, key):
+    h = x
+    for i, (w, b) in enumerate(params):
+      h = h @ w + b
+      if i < len(params) - 1:
+        h = layer(jax.random.fold_in(key, i), jax.nn.relu(h))
+    return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+
+  def step(params, state, x, y, key):
+    grads = jax.grad(loss)(params, x, y, key)
+    updates, state = optimizer.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  args = (params, optimizer.init(params), jnp.zeros((256, 784)), jnp.zeros(256, jnp.int32), jax.random.key(0))
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_backward_keeps_only_the_key():
+  # The MLP itself broadcasts its biases: allow promotion outside dropout.
+  with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+    none = _mlp_step_temp_bytes(lambda key, h: h)
+    ours = _mlp_step_temp_bytes(lambda key, h: jaxdrop.dropout(key, h, 0.5))
+    traced = _mlp_step_temp_bytes(lambda key, h: jaxdrop.dropout(key, h, jnp.float32(0.5)))
+  assert abs(ours - none) <= 1024, (none, ours)
+  assert abs(traced - none) <= 1024, (none, traced)
+
+
+def test_mask_size_at_the_fused_limit_uses_jax_random_bits():
+  # Masks of 2**32 or more elements need 64-bit counters; they go through
+  # jax.random.bits. Checked on the dispatch, without allocating 16 GiB.
+  jaxpr = jax.make_jaxpr(
+      lambda k: jaxdrop.keep_mask(k, (2**16, 2**16), 0.5)
+  )(jax.random.key(0))
+  assert "random_bits" in str(jaxpr)
+  jaxpr = jax.make_jaxpr(lambda k: jaxdrop.keep_mask(k, (2**16, 2**15), 0.5))(jax.random.key(0))
+  assert "random_bits" not in str(jaxpr)

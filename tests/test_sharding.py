@@ -1,0 +1,46 @@
+"""Masks do not depend on the device count, and need no communication."""
+
+from __future__ import annotations
+
+from conftest import run_with_devices
+
+CODE = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jaxdrop
+
+assert jax.device_count() == 8, jax.devices()
+COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter")
+mesh = jax.make_mesh((4, 2), ("data", "model"))
+key = jax.random.key(5)
+x = jax.random.normal(jax.random.key(0), (64, 24)) + 3.0
+cases = {
+    "rows": P("data", None),
+    "both": P("data", "model"),
+    "cols": P(None, ("data", "model")),
+}
+functions = {
+    "dropout": lambda k, x: jaxdrop.dropout(k, x, 0.3),
+    "traced_rate": lambda k, x: jaxdrop.dropout(k, x, jnp.float32(0.3)),
+    "broadcast": lambda k, x: jaxdrop.dropout(k, x, 0.3, broadcast_dims=(0,)),
+    "grad": jax.grad(lambda k, x: jnp.sum(jaxdrop.dropout(k, x, 0.3) * x), argnums=1),
+    "linen": lambda k, x: jaxdrop.linen.Dropout(0.3).apply({}, x, deterministic=False, rng=k),
+}
+for fname, fn in functions.items():
+  f = jax.jit(fn)
+  expected = np.asarray(f(key, x))
+  for cname, spec in cases.items():
+    xs = jax.device_put(x, NamedSharding(mesh, spec))
+    out = f(key, xs)
+    np.testing.assert_array_equal(np.asarray(out), expected, err_msg=f"{fname}/{cname}")
+    assert len(out.sharding.device_set) == 8, (fname, cname, out.sharding)
+    hlo = f.lower(key, xs).compile().as_text()
+    found = [c for c in COLLECTIVES if c in hlo]
+    assert not found, (fname, cname, found)
+    print(fname, cname, "ok")
+"""
+
+
+def test_sharded_equals_unsharded_without_collectives():
+  out = run_with_devices(CODE)
+  assert out.count("ok") == 15, out
