@@ -279,6 +279,21 @@ def _masked_scale_jvp(impl, mask_shape, primals, tangents):
   return y, y_dot
 
 
+# The kernels are jitted so that eager calls dispatch one compiled program
+# instead of a hundred small integer ops; inside an outer jit they inline.
+@partial(jax.jit, static_argnames=("impl", "mask_shape", "fixed_rate"))
+def _dropout_kernel(key_data, x, rate, *, impl, mask_shape, fixed_rate):
+  resolved = resolve_rate(rate if fixed_rate is None else fixed_rate, x.dtype)
+  return _masked_scale(impl, mask_shape, key_data, x, resolved)
+
+
+@partial(jax.jit, static_argnames=("impl", "shape", "fixed_rate"))
+def _mask_kernel(key_data, rate, *, impl, shape, fixed_rate):
+  resolved = resolve_rate(rate if fixed_rate is None else fixed_rate, jnp.float32)
+  keep = _keep(key_data, impl, shape, resolved)
+  return keep & ~jnp.isnan(resolved.fill)
+
+
 def mask_shape_for(shape: tuple[int, ...], broadcast_dims: Sequence[int]) -> tuple[int, ...]:
   axes = normalize_axes(broadcast_dims, len(shape))
   return tuple(1 if axis in axes else size for axis, size in enumerate(shape))
@@ -348,8 +363,9 @@ def dropout(
   key_data, impl = split_key(key)
   if fixed == 1.0:
     return jnp.zeros_like(x)
-  resolved = resolve_rate(rate, x.dtype)
-  return _masked_scale(impl, mask_shape, key_data, x, resolved)
+  if fixed is not None:
+    rate = None  # Passed as a static argument instead.
+  return _dropout_kernel(key_data, x, rate, impl=impl, mask_shape=mask_shape, fixed_rate=fixed)
 
 
 def keep_mask(
@@ -385,6 +401,6 @@ def keep_mask(
     return jnp.ones(shape, bool)
   if fixed == 1.0:
     return jnp.zeros(shape, bool)
-  resolved = resolve_rate(rate, jnp.float32)
-  keep = _keep(key_data, impl, shape, resolved)
-  return keep & ~jnp.isnan(resolved.fill)
+  if fixed is not None:
+    rate = None
+  return _mask_kernel(key_data, rate, impl=impl, shape=shape, fixed_rate=fixed)

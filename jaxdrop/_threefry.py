@@ -19,6 +19,7 @@ easy as 1, 2, 3".
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,7 @@ def linear_index(shape: tuple[int, ...]) -> jax.Array:
   return index
 
 
+@partial(jax.jit, static_argnums=1)
 def bits32(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """uint32 bits equal to ``jax.random.bits(key, shape, jnp.uint32)``.
 
