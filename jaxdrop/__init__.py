@@ -12,15 +12,27 @@ from jaxdrop import nnx as nnx
 from jaxdrop import schedules as schedules
 from jaxdrop._dropout import dropout as dropout
 from jaxdrop._dropout import keep_mask as keep_mask
+from jaxdrop._variants import alpha_dropout as alpha_dropout
+from jaxdrop._variants import drop_path as drop_path
+from jaxdrop._variants import drop_path_rates as drop_path_rates
+from jaxdrop._variants import dropconnect as dropconnect
+from jaxdrop._variants import gaussian_dropout as gaussian_dropout
+from jaxdrop._variants import spatial_dropout as spatial_dropout
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "alpha_dropout",
     "checks",
+    "drop_path",
+    "drop_path_rates",
+    "dropconnect",
     "dropout",
+    "gaussian_dropout",
     "keep_mask",
     "linen",
     "mc",
     "nnx",
     "schedules",
+    "spatial_dropout",
 ]

@@ -57,9 +57,9 @@ class _Threshold(NamedTuple):
 def static_rate(rate: Any, name: str = "rate") -> float | None:
   """Validates ``rate``; returns it as a float if static, None if an array.
 
-  Python and NumPy scalars are static: they are checked here and fixed at
-  trace time. A JAX array (or a NumPy array) is dynamic: it may be traced, so
-  a schedule can change it every step without recompiling.
+  Python and NumPy scalars (and 0-d NumPy arrays) are static: they are
+  checked here and fixed at trace time. A JAX array is dynamic: it may be
+  traced, so a schedule can change it every step without recompiling.
 
   Raises:
     TypeError: ``rate`` is not a real number or array of one.
@@ -68,6 +68,8 @@ def static_rate(rate: Any, name: str = "rate") -> float | None:
   """
   if isinstance(rate, (bool, np.bool_)):
     raise TypeError(f"{name} must be a float in [0, 1], got {name}={rate!r}")
+  if isinstance(rate, np.ndarray) and rate.shape == () and rate.dtype.kind in "iuf":
+    rate = rate.item()  # A NumPy array is concrete: check it like a scalar.
   if isinstance(rate, (numbers.Real, np.integer, np.floating)):
     value = float(rate)
     if not 0.0 <= value <= 1.0:  # False for NaN too.

@@ -7,14 +7,24 @@ stream is an error, never a silent fallback to the ``'params'`` stream.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxdrop import _dropout
+from jaxdrop import _variants
 
-__all__ = ["Dropout"]
+__all__ = [
+    "AlphaDropout",
+    "DropConnectDense",
+    "DropPath",
+    "Dropout",
+    "GaussianDropout",
+    "SpatialDropout",
+]
 
 
 def dropout_key(module: nn.Module, rng_collection: str) -> jax.Array:
@@ -97,3 +107,267 @@ class Dropout(nn.Module):
     return _dropout.dropout(
         rng, inputs, self.rate, deterministic, broadcast_dims=self.broadcast_dims
     )
+
+
+# ----------------------------------------------------------------------------
+# Variants: each module resolves its flag and key, then calls the function in
+# jaxdrop._variants, where the mathematics lives.
+
+
+def _flag_and_key(
+    module: nn.Module, deterministic: bool | None, rng: jax.Array | None
+) -> tuple[bool, jax.Array | None]:
+  """Merges ``deterministic`` as flax does; draws a key only when one is used."""
+  deterministic = nn.merge_param("deterministic", module.deterministic, deterministic)
+  if rng is None and needs_key(module.rate, deterministic):
+    rng = dropout_key(module, module.rng_collection)
+  return deterministic, rng
+
+
+class SpatialDropout(nn.Module):
+  """Drops whole channels; see :func:`jaxdrop.spatial_dropout`.
+
+  One decision per (example, channel), shared over the other axes, with
+  probability ``rate`` (**the probability to drop**); kept channels are
+  scaled by ``1 / p_keep``.
+
+  Attributes:
+    rate: probability to drop a channel; a float in [0, 1] or a scalar array.
+    channel_axis: the channel axis (-1 for NHWC, 1 for NCHW).
+    batch_axis: the example axis, or None for unbatched inputs.
+    deterministic: if True, return the input unchanged; exactly one of this
+      field and the call argument must be set.
+    rng_collection: the rng stream the key is drawn from.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxdrop
+    >>> layer = jaxdrop.linen.SpatialDropout(0.5, deterministic=False)
+    >>> y = layer.apply({}, jnp.ones((2, 4, 4, 3)), rngs={"dropout": jax.random.key(0)})
+    >>> bool(jnp.all(y == y[:, :1, :1, :]))
+    True
+  """
+
+  rate: float | jax.Array
+  channel_axis: int = -1
+  batch_axis: int | None = 0
+  deterministic: bool | None = None
+  rng_collection: str = "dropout"
+
+  def __post_init__(self):
+    _dropout.static_rate(self.rate)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(
+      self,
+      inputs: jax.typing.ArrayLike,
+      deterministic: bool | None = None,
+      rng: jax.Array | None = None,
+  ) -> jax.Array:
+    """Applies spatial dropout; ``rng`` replaces the stream's key if given."""
+    deterministic, rng = _flag_and_key(self, deterministic, rng)
+    return _variants.spatial_dropout(
+        rng,
+        inputs,
+        self.rate,
+        deterministic,
+        channel_axis=self.channel_axis,
+        batch_axis=self.batch_axis,
+    )
+
+
+class AlphaDropout(nn.Module):
+  """Alpha dropout for SELU networks; see :func:`jaxdrop.alpha_dropout`.
+
+  Dropped units take SELU's saturation value, then an affine map restores
+  mean 0 and variance 1 for standardized inputs.
+
+  Attributes:
+    rate: probability to drop a unit; a float in [0, 1] or a scalar array.
+    deterministic: if True, return the input unchanged; exactly one of this
+      field and the call argument must be set.
+    rng_collection: the rng stream the key is drawn from.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxdrop
+    >>> layer = jaxdrop.linen.AlphaDropout(0.1)
+    >>> layer.apply({}, jnp.ones(3), deterministic=True)
+    Array([1., 1., 1.], dtype=float32)
+  """
+
+  rate: float | jax.Array
+  deterministic: bool | None = None
+  rng_collection: str = "dropout"
+
+  def __post_init__(self):
+    _dropout.static_rate(self.rate)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(
+      self,
+      inputs: jax.typing.ArrayLike,
+      deterministic: bool | None = None,
+      rng: jax.Array | None = None,
+  ) -> jax.Array:
+    """Applies alpha dropout; ``rng`` replaces the stream's key if given."""
+    deterministic, rng = _flag_and_key(self, deterministic, rng)
+    return _variants.alpha_dropout(rng, inputs, self.rate, deterministic)
+
+
+class GaussianDropout(nn.Module):
+  """Multiplicative N(1, rate / (1 - rate)) noise; see :func:`jaxdrop.gaussian_dropout`.
+
+  Attributes:
+    rate: the dropout rate whose variance the noise matches; a float in
+      [0, 1) or a scalar array.
+    deterministic: if True, return the input unchanged; exactly one of this
+      field and the call argument must be set.
+    rng_collection: the rng stream the key is drawn from.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxdrop
+    >>> layer = jaxdrop.linen.GaussianDropout(0.5)
+    >>> y = layer.apply({}, jnp.ones(3), deterministic=False,
+    ...                 rngs={"dropout": jax.random.key(0)})
+    >>> y.shape
+    (3,)
+  """
+
+  rate: float | jax.Array
+  deterministic: bool | None = None
+  rng_collection: str = "dropout"
+
+  def __post_init__(self):
+    _variants.check_gaussian_rate(self.rate)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(
+      self,
+      inputs: jax.typing.ArrayLike,
+      deterministic: bool | None = None,
+      rng: jax.Array | None = None,
+  ) -> jax.Array:
+    """Applies Gaussian dropout; ``rng`` replaces the stream's key if given."""
+    deterministic, rng = _flag_and_key(self, deterministic, rng)
+    return _variants.gaussian_dropout(rng, inputs, self.rate, deterministic)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth for a residual branch; see :func:`jaxdrop.drop_path`.
+
+  Each example's branch is dropped with probability ``rate`` (**the
+  probability to drop**); kept ones are scaled by ``1 / p_keep``. Use it as
+  ``x + DropPath(rate)(f(x))``, with rates from :func:`jaxdrop.drop_path_rates`.
+
+  Attributes:
+    rate: probability to drop an example's branch; a float in [0, 1] or a
+      scalar array.
+    batch_axis: the example axis.
+    deterministic: if True, return the input unchanged; exactly one of this
+      field and the call argument must be set.
+    rng_collection: the rng stream the key is drawn from.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxdrop
+    >>> layer = jaxdrop.linen.DropPath(0.5, deterministic=False)
+    >>> y = layer.apply({}, jnp.ones((4, 3)), rngs={"dropout": jax.random.key(0)})
+    >>> bool(jnp.all(y == y[:, :1]))
+    True
+  """
+
+  rate: float | jax.Array
+  batch_axis: int = 0
+  deterministic: bool | None = None
+  rng_collection: str = "dropout"
+
+  def __post_init__(self):
+    _dropout.static_rate(self.rate)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(
+      self,
+      inputs: jax.typing.ArrayLike,
+      deterministic: bool | None = None,
+      rng: jax.Array | None = None,
+  ) -> jax.Array:
+    """Applies drop path; ``rng`` replaces the stream's key if given."""
+    deterministic, rng = _flag_and_key(self, deterministic, rng)
+    return _variants.drop_path(
+        rng, inputs, self.rate, deterministic, batch_axis=self.batch_axis
+    )
+
+
+class DropConnectDense(nn.Module):
+  """``nn.Dense`` whose kernel is masked by :func:`jaxdrop.dropconnect` each call.
+
+  The parameters (``kernel``, ``bias``) are those of ``flax.linen.Dense``, so
+  the two load each other's variables. Each call drops every weight with
+  probability ``rate`` (**the probability to drop**) and scales the kept ones
+  by ``1 / p_keep``; one mask is shared by the batch. The bias is not dropped.
+
+  Attributes:
+    features: the number of output features.
+    rate: probability to drop a weight; a float in [0, 1] or a scalar array.
+    use_bias: whether to add a bias.
+    dtype: the computation dtype (default: inferred from inputs and params).
+    param_dtype: the dtype of the parameters.
+    precision: the precision of the matrix product.
+    kernel_init: the kernel initializer.
+    bias_init: the bias initializer.
+    deterministic: if True, use the kernel unmasked; exactly one of this
+      field and the call argument must be set.
+    rng_collection: the rng stream the key is drawn from.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxdrop
+    >>> layer = jaxdrop.linen.DropConnectDense(4, rate=0.5)
+    >>> x = jnp.ones((2, 3))
+    >>> variables = layer.init(jax.random.key(0), x, deterministic=True)
+    >>> y = layer.apply(variables, x, deterministic=False,
+    ...                 rngs={"dropout": jax.random.key(1)})
+    >>> y.shape
+    (2, 4)
+  """
+
+  features: int
+  rate: float | jax.Array
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
+  bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
+  deterministic: bool | None = None
+  rng_collection: str = "dropout"
+
+  def __post_init__(self):
+    _dropout.static_rate(self.rate)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(
+      self,
+      inputs: jax.typing.ArrayLike,
+      deterministic: bool | None = None,
+      rng: jax.Array | None = None,
+  ) -> jax.Array:
+    """Applies the layer with a freshly masked kernel (unmasked if deterministic)."""
+    inputs = jnp.asarray(inputs)
+    kernel = self.param(
+        "kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype
+    )
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    deterministic, rng = _flag_and_key(self, deterministic, rng)
+    kernel = _variants.dropconnect(rng, kernel, self.rate, deterministic)
+    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    y = jax.lax.dot_general(
+        inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision
+    )
+    if bias is not None:
+      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y

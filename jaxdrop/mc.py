@@ -131,9 +131,17 @@ def predict(
   log_p = jax.nn.log_softmax(logits, axis=-1)
   p = jnp.exp(log_p)
   probs = jnp.mean(p, axis=0)
-  log_mean = jnp.log(probs)
+  # log(probs) as a log-mean-exp shifted by the max: identical samples (a
+  # deterministic fn) then give log_mean == log_p exactly, so MI is exactly 0;
+  # log(mean(exp(log_p))) left ~1e-7 of exp/log rounding.
+  top = jnp.max(log_p, axis=0)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  log_mean = top + jnp.log(jnp.mean(jnp.exp(log_p - top), axis=0))
   entropy = -jnp.sum(jax.scipy.special.xlogy(probs, probs), axis=-1)
-  expected_entropy = jnp.mean(-jnp.sum(p * log_p, axis=-1), axis=0)
+  # 0 * log 0 = 0: a class masked with -inf logits must not make it NaN.
+  expected_entropy = jnp.mean(
+      -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1), axis=0
+  )
   # MI as the mean KL(p_s || mean p): the same quantity, but without the
   # cancellation of two large entropies. Jensen makes it >= 0; rounding can
   # leave -1e-8, so it is floored at 0.

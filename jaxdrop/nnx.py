@@ -16,8 +16,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdrop import _dropout
+from jaxdrop import _variants
 
-__all__ = ["Dropout"]
+__all__ = [
+    "AlphaDropout",
+    "DropConnectDense",
+    "DropPath",
+    "Dropout",
+    "GaussianDropout",
+    "SpatialDropout",
+]
 
 _DETERMINISTIC_HELP = (
     "No `deterministic` argument was given to {cls}. Options:\n"
@@ -143,3 +151,311 @@ class Dropout(nnx.Module):
     """Used by ``nnx.view``: sets ``deterministic`` when given."""
     if deterministic is not None:
       self.deterministic = deterministic
+
+
+# ----------------------------------------------------------------------------
+# Variants: each module resolves its flag and key, then calls the function in
+# jaxdrop._variants, where the mathematics lives.
+
+
+class _Stochastic:
+  """Flag and key plumbing shared by the variant modules (as in ``Dropout``)."""
+
+  def _init_stochastic(
+      self,
+      rate: float,
+      deterministic: bool | None,
+      rng_collection: str,
+      rngs: nnx.Rngs | nnx.RngStream | None,
+  ):
+    self.rate = rate
+    self.deterministic = deterministic
+    self.rng_collection = rng_collection
+    stream = stream_of(rngs, rng_collection, type(self).__name__)
+    self.rngs = nnx.data(None if stream is None else stream.fork())
+
+  def _flag_and_key(
+      self, deterministic: bool | None, rngs: Any
+  ) -> tuple[bool, jax.Array | None]:
+    """The call's flag (else the module's) and a key when one is used."""
+    for flag in (deterministic, self.deterministic):
+      if flag is not None:
+        deterministic = flag
+        break
+    else:
+      raise ValueError(_DETERMINISTIC_HELP.format(cls=type(self).__name__))
+    key = None
+    if not deterministic and _dropout.static_rate(self.rate) != 0.0:
+      key = call_key(rngs, self.rngs, self.rng_collection, type(self).__name__)
+    return deterministic, key
+
+  def set_view(self, deterministic: bool | None = None):
+    """Used by ``nnx.view``: sets ``deterministic`` when given."""
+    if deterministic is not None:
+      self.deterministic = deterministic
+
+
+class SpatialDropout(_Stochastic, nnx.Module):
+  """Drops whole channels; see :func:`jaxdrop.spatial_dropout`.
+
+  One decision per (example, channel), shared over the other axes, with
+  probability ``rate`` (**the probability to drop**); kept channels are
+  scaled by ``1 / p_keep``.
+
+  Args:
+    rate: probability to drop a channel, a float in [0, 1].
+    channel_axis: the channel axis (-1 for NHWC, 1 for NCHW).
+    batch_axis: the example axis, or None for unbatched inputs.
+    deterministic: if True, return the input unchanged; the call argument,
+      ``model.train()/eval()`` and ``nnx.view`` override it.
+    rng_collection: the name of the rng stream to take keys from.
+    rngs: an ``nnx.Rngs`` holding that stream (forked here), an
+      ``nnx.RngStream``, or None to pass keys at call time.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxdrop
+    >>> from flax import nnx
+    >>> layer = jaxdrop.nnx.SpatialDropout(0.5, rngs=nnx.Rngs(dropout=0))
+    >>> y = layer(jnp.ones((2, 4, 4, 3)))
+    >>> bool(jnp.all(y == y[:, :1, :1, :]))
+    True
+  """
+
+  def __init__(
+      self,
+      rate: float,
+      *,
+      channel_axis: int = -1,
+      batch_axis: int | None = 0,
+      deterministic: bool | None = False,
+      rng_collection: str = "dropout",
+      rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
+    _dropout.static_rate(rate)
+    self.channel_axis = channel_axis
+    self.batch_axis = batch_axis
+    self._init_stochastic(rate, deterministic, rng_collection, rngs)
+
+  def __call__(
+      self,
+      inputs: jax.typing.ArrayLike,
+      *,
+      deterministic: bool | None = None,
+      rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+  ) -> jax.Array:
+    """Applies spatial dropout; ``rngs`` (an Rngs, RngStream or key) overrides."""
+    deterministic, key = self._flag_and_key(deterministic, rngs)
+    return _variants.spatial_dropout(
+        key,
+        inputs,
+        self.rate,
+        deterministic,
+        channel_axis=self.channel_axis,
+        batch_axis=self.batch_axis,
+    )
+
+
+class AlphaDropout(_Stochastic, nnx.Module):
+  """Alpha dropout for SELU networks; see :func:`jaxdrop.alpha_dropout`.
+
+  Args:
+    rate: probability to drop a unit, a float in [0, 1].
+    deterministic: if True, return the input unchanged; the call argument,
+      ``model.train()/eval()`` and ``nnx.view`` override it.
+    rng_collection: the name of the rng stream to take keys from.
+    rngs: an ``nnx.Rngs`` holding that stream (forked here), an
+      ``nnx.RngStream``, or None to pass keys at call time.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxdrop
+    >>> from flax import nnx
+    >>> layer = jaxdrop.nnx.AlphaDropout(0.1, rngs=nnx.Rngs(dropout=0))
+    >>> layer.eval()
+    >>> layer(jnp.ones(3))
+    Array([1., 1., 1.], dtype=float32)
+  """
+
+  def __init__(
+      self,
+      rate: float,
+      *,
+      deterministic: bool | None = False,
+      rng_collection: str = "dropout",
+      rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
+    _dropout.static_rate(rate)
+    self._init_stochastic(rate, deterministic, rng_collection, rngs)
+
+  def __call__(
+      self,
+      inputs: jax.typing.ArrayLike,
+      *,
+      deterministic: bool | None = None,
+      rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+  ) -> jax.Array:
+    """Applies alpha dropout; ``rngs`` (an Rngs, RngStream or key) overrides."""
+    deterministic, key = self._flag_and_key(deterministic, rngs)
+    return _variants.alpha_dropout(key, inputs, self.rate, deterministic)
+
+
+class GaussianDropout(_Stochastic, nnx.Module):
+  """Multiplicative N(1, rate / (1 - rate)) noise; see :func:`jaxdrop.gaussian_dropout`.
+
+  Args:
+    rate: the dropout rate whose variance the noise matches, in [0, 1).
+    deterministic: if True, return the input unchanged; the call argument,
+      ``model.train()/eval()`` and ``nnx.view`` override it.
+    rng_collection: the name of the rng stream to take keys from.
+    rngs: an ``nnx.Rngs`` holding that stream (forked here), an
+      ``nnx.RngStream``, or None to pass keys at call time.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxdrop
+    >>> from flax import nnx
+    >>> layer = jaxdrop.nnx.GaussianDropout(0.5, rngs=nnx.Rngs(dropout=0))
+    >>> layer(jnp.ones(3)).shape
+    (3,)
+  """
+
+  def __init__(
+      self,
+      rate: float,
+      *,
+      deterministic: bool | None = False,
+      rng_collection: str = "dropout",
+      rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
+    _variants.check_gaussian_rate(rate)
+    self._init_stochastic(rate, deterministic, rng_collection, rngs)
+
+  def __call__(
+      self,
+      inputs: jax.typing.ArrayLike,
+      *,
+      deterministic: bool | None = None,
+      rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+  ) -> jax.Array:
+    """Applies Gaussian dropout; ``rngs`` (an Rngs, RngStream or key) overrides."""
+    deterministic, key = self._flag_and_key(deterministic, rngs)
+    return _variants.gaussian_dropout(key, inputs, self.rate, deterministic)
+
+
+class DropPath(_Stochastic, nnx.Module):
+  """Stochastic depth for a residual branch; see :func:`jaxdrop.drop_path`.
+
+  Use it as ``x + self.drop_path(f(x))``, with rates from
+  :func:`jaxdrop.drop_path_rates`.
+
+  Args:
+    rate: probability to drop an example's branch, a float in [0, 1].
+    batch_axis: the example axis.
+    deterministic: if True, return the input unchanged; the call argument,
+      ``model.train()/eval()`` and ``nnx.view`` override it.
+    rng_collection: the name of the rng stream to take keys from.
+    rngs: an ``nnx.Rngs`` holding that stream (forked here), an
+      ``nnx.RngStream``, or None to pass keys at call time.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxdrop
+    >>> from flax import nnx
+    >>> layer = jaxdrop.nnx.DropPath(0.5, rngs=nnx.Rngs(dropout=0))
+    >>> y = layer(jnp.ones((4, 3)))
+    >>> bool(jnp.all(y == y[:, :1]))
+    True
+  """
+
+  def __init__(
+      self,
+      rate: float,
+      *,
+      batch_axis: int = 0,
+      deterministic: bool | None = False,
+      rng_collection: str = "dropout",
+      rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
+    _dropout.static_rate(rate)
+    self.batch_axis = batch_axis
+    self._init_stochastic(rate, deterministic, rng_collection, rngs)
+
+  def __call__(
+      self,
+      inputs: jax.typing.ArrayLike,
+      *,
+      deterministic: bool | None = None,
+      rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+  ) -> jax.Array:
+    """Applies drop path; ``rngs`` (an Rngs, RngStream or key) overrides."""
+    deterministic, key = self._flag_and_key(deterministic, rngs)
+    return _variants.drop_path(
+        key, inputs, self.rate, deterministic, batch_axis=self.batch_axis
+    )
+
+
+class DropConnectDense(_Stochastic, nnx.Linear):
+  """``nnx.Linear`` whose kernel is masked by :func:`jaxdrop.dropconnect` each call.
+
+  The parameters are those of ``nnx.Linear``. Each call drops every weight
+  with probability ``rate`` (**the probability to drop**) and scales the kept
+  ones by ``1 / p_keep``; one mask is shared by the batch. The bias is not
+  dropped.
+
+  Args:
+    in_features: the number of input features.
+    out_features: the number of output features.
+    rate: probability to drop a weight, a float in [0, 1].
+    deterministic: if True, use the kernel unmasked; the call argument,
+      ``model.train()/eval()`` and ``nnx.view`` override it.
+    rng_collection: the name of the rng stream to take keys from.
+    rngs: an ``nnx.Rngs`` with a ``'params'`` (or default) stream for the
+      initializers and the ``rng_collection`` stream (forked here).
+    **linear_kwargs: passed to ``nnx.Linear`` (``use_bias``, ``dtype``,
+      ``param_dtype``, ``precision``, ``kernel_init``, ``bias_init``, ...).
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxdrop
+    >>> from flax import nnx
+    >>> layer = jaxdrop.nnx.DropConnectDense(3, 4, 0.5, rngs=nnx.Rngs(params=0, dropout=1))
+    >>> layer(jnp.ones((2, 3))).shape
+    (2, 4)
+  """
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      rate: float,
+      *,
+      deterministic: bool | None = False,
+      rng_collection: str = "dropout",
+      rngs: nnx.Rngs,
+      **linear_kwargs: Any,
+  ):
+    _dropout.static_rate(rate)
+    super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
+    self._init_stochastic(rate, deterministic, rng_collection, rngs)
+
+  def __call__(
+      self,
+      inputs: jax.typing.ArrayLike,
+      *,
+      deterministic: bool | None = None,
+      rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+  ) -> jax.Array:
+    """Applies the layer with a freshly masked kernel (unmasked if deterministic)."""
+    deterministic, key = self._flag_and_key(deterministic, rngs)
+    kernel = _variants.dropconnect(key, self.kernel[...], self.rate, deterministic)
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+    kwargs = {}
+    if self.preferred_element_type is not None:
+      kwargs["preferred_element_type"] = self.preferred_element_type
+    y = self.dot_general(
+        inputs,
+        kernel,
+        (((inputs.ndim - 1,), (0,)), ((), ())),
+        precision=self.precision,
+        **kwargs,
+    )
+    if bias is not None:
+      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y

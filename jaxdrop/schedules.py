@@ -78,5 +78,10 @@ def linear_ramp(
   end = _check_rate(end, "end")
   transition_steps = _check_step(transition_steps, "transition_steps")
   transition_begin = _check_step(transition_begin, "transition_begin")
+  if transition_steps == 0:
+    # optax would hold `start` forever; a ramp of no steps jumps to `end`.
+    return lambda step: jnp.where(
+        jnp.asarray(step) < transition_begin, jnp.float32(start), jnp.float32(end)
+    )
   schedule = optax.linear_schedule(start, end, transition_steps, transition_begin)
   return lambda step: jnp.asarray(schedule(step), jnp.float32)

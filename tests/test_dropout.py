@@ -308,6 +308,16 @@ def test_bad_static_rate_raises_value_error_naming_it(rate):
     jaxdrop.keep_mask(jax.random.key(0), (3,), rate)
 
 
+def test_numpy_rates_are_static_and_checked():
+  with pytest.raises(ValueError, match="rate=1.5"):
+    jaxdrop.dropout(jax.random.key(0), jnp.ones(3), np.array(1.5))
+  x = jnp.ones(64)
+  np.testing.assert_array_equal(
+      jaxdrop.dropout(jax.random.key(0), x, np.float32(0.5)),
+      jaxdrop.dropout(jax.random.key(0), x, 0.5),
+  )
+
+
 def test_bad_static_rate_raises_even_when_deterministic():
   with pytest.raises(ValueError, match="rate=2"):
     jaxdrop.dropout(None, jnp.ones(3), 2, deterministic=True)
