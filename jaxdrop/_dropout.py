@@ -17,6 +17,7 @@ backward pass, never a mask or a bits array.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -48,6 +49,7 @@ class _Threshold(NamedTuple):
   keep_any: jax.Array  # bool: False when rate == 1 (t would be 2**32).
   scale: jax.Array  # 1 / p_keep in the compute dtype (0 when rate == 1).
   fill: jax.Array  # value of dropped elements: 0, or NaN for an invalid rate.
+  valid: jax.Array  # bool: False for a traced rate outside [0, 1] or NaN.
 
 
 # ----------------------------------------------------------------------------
@@ -164,6 +166,12 @@ def check_shape(shape: Any, name: str = "shape") -> tuple[int, ...]:
   return tuple(int(d) for d in shape)
 
 
+@functools.cache
+def _raw_key_shape(impl: str) -> tuple[int, ...]:
+  """Shape of a legacy raw key of ``impl``: (2,) for threefry."""
+  return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
+
+
 def split_key(key: Any) -> tuple[jax.Array, str]:
   """Returns ``(key_data, impl_name)`` for a typed or legacy raw PRNG key.
 
@@ -180,7 +188,7 @@ def split_key(key: Any) -> tuple[jax.Array, str]:
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     typed = key
   elif key.dtype == jnp.uint32:
-    default_shape = jax.random.key_data(jax.random.key(0)).shape
+    default_shape = _raw_key_shape(str(jax.config.jax_default_prng_impl))
     if key.shape != default_shape:
       raise TypeError(
           f"key must be a PRNG key; a raw uint32 key has shape {default_shape}, "
@@ -215,15 +223,17 @@ def resolve_rate(rate: Any, dtype: Any) -> _Threshold:
   dtype = compute_dtype(dtype)
   fixed = static_rate(rate)
   if fixed is not None:
-    # Exact integer arithmetic: |p_keep - (1 - rate)| <= 2**-33. A rate just
-    # below 1 keeps one value in 2**32 rather than rounding to "drop all", so
-    # the expectation stays exact.
+    # Exact integer arithmetic: rounding puts p_keep within 2**-33 of
+    # 1 - rate, and a rate within 2**-32 of 1 keeps one value in 2**32
+    # rather than rounding to "drop all", so the expectation stays exact:
+    # |p_keep - (1 - rate)| <= 2**-32 in all cases.
     threshold = min(round(fixed * _TWO_32), _TWO_32 - 1)
     return _Threshold(
         threshold=jnp.asarray(threshold, jnp.uint32),
         keep_any=jnp.asarray(True),
         scale=jnp.asarray(_TWO_32 / (_TWO_32 - threshold), dtype),
         fill=jnp.zeros((), dtype),
+        valid=jnp.asarray(True),
     )
   rate = jax.lax.stop_gradient(jnp.asarray(rate))
   rate = rate.astype(jnp.float64 if rate.dtype == jnp.float64 else jnp.float32)
@@ -240,6 +250,7 @@ def resolve_rate(rate: Any, dtype: Any) -> _Threshold:
       keep_any=keep_any,
       scale=jnp.where(valid, scale, jnp.nan).astype(dtype),
       fill=jnp.where(valid, 0, jnp.nan).astype(dtype),
+      valid=valid,
   )
 
 
@@ -248,8 +259,17 @@ def resolve_rate(rate: Any, dtype: Any) -> _Threshold:
 
 
 def random_bits(key_data: jax.Array, impl: str, shape: tuple[int, ...]) -> jax.Array:
-  """``jax.random.bits(key, shape, jnp.uint32)``, fused where possible."""
-  if impl == _THREEFRY and math.prod(shape) < _threefry.MAX_FUSED_SIZE:
+  """``jax.random.bits(key, shape, jnp.uint32)``, fused where possible.
+
+  The fused hash follows JAX's partitionable threefry. With
+  ``jax_threefry_partitionable`` switched off (not the default) JAX's bits
+  differ, so they come from ``jax.random.bits`` itself.
+  """
+  if (
+      impl == _THREEFRY
+      and jax.config.jax_threefry_partitionable
+      and math.prod(shape) < _threefry.MAX_FUSED_SIZE
+  ):
     return _threefry.bits32(key_data, shape)
   key = jax.random.wrap_key_data(key_data, impl=impl)
   return jax.random.bits(key, shape, jnp.uint32)
@@ -293,7 +313,7 @@ def _dropout_kernel(key_data, x, rate, *, impl, mask_shape, fixed_rate):
 def _mask_kernel(key_data, rate, *, impl, shape, fixed_rate):
   resolved = resolve_rate(rate if fixed_rate is None else fixed_rate, jnp.float32)
   keep = _keep(key_data, impl, shape, resolved)
-  return keep & ~jnp.isnan(resolved.fill)
+  return keep & resolved.valid
 
 
 def mask_shape_for(shape: tuple[int, ...], broadcast_dims: Sequence[int]) -> tuple[int, ...]:
@@ -331,7 +351,8 @@ def dropout(
     key: a PRNG key (``jax.random.key`` or a legacy ``jax.random.PRNGKey``).
       Threefry keys, the default, use a fused hash that gives the same bits
       as ``jax.random.bits``; other implementations call it directly. May be
-      None when ``deterministic`` is True.
+      None when no randomness is needed: ``deterministic`` is True or the
+      rate is a static 0 or 1.
     x: the input, of a floating dtype.
     rate: probability to drop each element. A Python float in [0, 1] is fixed
       at trace time; a scalar JAX array may be traced (e.g. a schedule's
@@ -362,9 +383,9 @@ def dropout(
   mask_shape = mask_shape_for(x.shape, broadcast_dims)
   if check_deterministic(deterministic) or fixed == 0.0:
     return x
-  key_data, impl = split_key(key)
   if fixed == 1.0:
     return jnp.zeros_like(x)
+  key_data, impl = split_key(key)
   if fixed is not None:
     rate = None  # Passed as a static argument instead.
   return _dropout_kernel(key_data, x, rate, impl=impl, mask_shape=mask_shape, fixed_rate=fixed)
@@ -383,7 +404,8 @@ def keep_mask(
   ``(2**32 - t) / 2**32``, ``t = round(rate * 2**32)``.
 
   Args:
-    key: a PRNG key, as for :func:`dropout`.
+    key: a PRNG key, as for :func:`dropout` (None allowed for a static rate
+      of 0 or 1).
     shape: the mask shape.
     rate: probability to drop, as for :func:`dropout`. A traced rate outside
       [0, 1] or NaN gives an all-False mask (``dropout`` gives NaN).
@@ -398,11 +420,11 @@ def keep_mask(
   """
   shape = check_shape(shape)
   fixed = static_rate(rate)
-  key_data, impl = split_key(key)
   if fixed == 0.0:
     return jnp.ones(shape, bool)
   if fixed == 1.0:
     return jnp.zeros(shape, bool)
+  key_data, impl = split_key(key)
   if fixed is not None:
     rate = None
   return _mask_kernel(key_data, rate, impl=impl, shape=shape, fixed_rate=fixed)

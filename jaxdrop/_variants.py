@@ -165,9 +165,9 @@ def alpha_dropout(
   fixed = static_rate(rate)
   if check_deterministic(deterministic) or fixed == 0.0:
     return x
-  keep = keep_mask(key, x.shape, rate)
   if fixed == 1.0:
     return jnp.zeros_like(x)
+  keep = keep_mask(key, x.shape, rate)
   resolved = resolve_rate(rate, x.dtype)
   # q = p_keep = 1 / scale. A traced rate of 1 has scale 0: use q = 1 there
   # (a = 1, b = 0) so nothing is infinite, then output 0 below.

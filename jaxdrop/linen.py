@@ -47,7 +47,18 @@ def dropout_key(module: nn.Module, rng_collection: str) -> jax.Array:
 
 
 def needs_key(rate, deterministic: bool) -> bool:
-  return not deterministic and _dropout.static_rate(rate) != 0.0
+  """Whether a key is used: not for evaluation, nor static rates 0 and 1."""
+  return not deterministic and _dropout.static_rate(rate) not in (0.0, 1.0)
+
+
+def _flag_and_key(
+    module: nn.Module, deterministic: bool | None, rng: jax.Array | None
+) -> tuple[bool, jax.Array | None]:
+  """Merges ``deterministic`` as flax does; draws a key only when one is used."""
+  deterministic = nn.merge_param("deterministic", module.deterministic, deterministic)
+  if rng is None and needs_key(module.rate, deterministic):
+    rng = dropout_key(module, module.rng_collection)
+  return deterministic, rng
 
 
 class Dropout(nn.Module):
@@ -95,15 +106,14 @@ class Dropout(nn.Module):
 
     Args:
       inputs: the array to mask.
-      deterministic: overrides nothing: must be given here or as a field.
+      deterministic: if True, return the inputs unchanged. As in flax, give
+        it either here or as the field, not both (``nn.merge_param``).
       rng: a key to use instead of the ``rng_collection`` stream.
 
     Returns:
       The masked, rescaled inputs (the inputs themselves when deterministic).
     """
-    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    if rng is None and needs_key(self.rate, deterministic):
-      rng = dropout_key(self, self.rng_collection)
+    deterministic, rng = _flag_and_key(self, deterministic, rng)
     return _dropout.dropout(
         rng, inputs, self.rate, deterministic, broadcast_dims=self.broadcast_dims
     )
@@ -112,16 +122,6 @@ class Dropout(nn.Module):
 # ----------------------------------------------------------------------------
 # Variants: each module resolves its flag and key, then calls the function in
 # jaxdrop._variants, where the mathematics lives.
-
-
-def _flag_and_key(
-    module: nn.Module, deterministic: bool | None, rng: jax.Array | None
-) -> tuple[bool, jax.Array | None]:
-  """Merges ``deterministic`` as flax does; draws a key only when one is used."""
-  deterministic = nn.merge_param("deterministic", module.deterministic, deterministic)
-  if rng is None and needs_key(module.rate, deterministic):
-    rng = dropout_key(module, module.rng_collection)
-  return deterministic, rng
 
 
 class SpatialDropout(nn.Module):

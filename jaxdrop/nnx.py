@@ -50,7 +50,8 @@ def stream_of(rngs: Any, rng_collection: str, owner: str) -> nnx.RngStream | Non
       )
     return rngs[rng_collection]
   raise TypeError(
-      f"rngs must be an nnx.Rngs, an nnx.RngStream or None, got {type(rngs).__name__}"
+      f"rngs must be an nnx.Rngs, an nnx.RngStream, a key or None, got "
+      f"{type(rngs).__name__}"
   )
 
 
@@ -58,7 +59,7 @@ def call_key(
     rngs: Any, own: nnx.RngStream | None, rng_collection: str, owner: str
 ) -> jax.Array:
   """A fresh key from the call's ``rngs`` (or a key), else the module's stream."""
-  if isinstance(rngs, (jax.Array, jnp.ndarray)) and not isinstance(rngs, nnx.Variable):
+  if isinstance(rngs, jax.Array):
     return rngs
   stream = stream_of(rngs, rng_collection, owner) or own
   if stream is None:
@@ -71,7 +72,44 @@ def call_key(
   return stream()
 
 
-class Dropout(nnx.Module):
+class _Stochastic:
+  """Flag and key plumbing shared by every module here; the math is elsewhere."""
+
+  def _init_stochastic(
+      self,
+      rate: float,
+      deterministic: bool | None,
+      rng_collection: str,
+      rngs: nnx.Rngs | nnx.RngStream | None,
+  ):
+    self.rate = rate
+    self.deterministic = deterministic
+    self.rng_collection = rng_collection
+    stream = stream_of(rngs, rng_collection, type(self).__name__)
+    self.rngs = nnx.data(None if stream is None else stream.fork())
+
+  def _flag_and_key(
+      self, deterministic: bool | None, rngs: Any
+  ) -> tuple[bool, jax.Array | None]:
+    """The call's flag (else the module's) and a key when one is used."""
+    for flag in (deterministic, self.deterministic):
+      if flag is not None:
+        deterministic = flag
+        break
+    else:
+      raise ValueError(_DETERMINISTIC_HELP.format(cls=type(self).__name__))
+    key = None
+    if not deterministic and _dropout.static_rate(self.rate) not in (0.0, 1.0):
+      key = call_key(rngs, self.rngs, self.rng_collection, type(self).__name__)
+    return deterministic, key
+
+  def set_view(self, deterministic: bool | None = None):
+    """Used by ``nnx.view``: sets ``deterministic`` when given."""
+    if deterministic is not None:
+      self.deterministic = deterministic
+
+
+class Dropout(_Stochastic, nnx.Module):
   """Dropout layer; same constructor and call as ``flax.nnx.Dropout``.
 
   Computes :func:`jaxdrop.dropout`: each element is dropped with probability
@@ -109,12 +147,8 @@ class Dropout(nnx.Module):
       rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
     _dropout.static_rate(rate)
-    self.rate = rate
     self.broadcast_dims = tuple(broadcast_dims)
-    self.deterministic = deterministic
-    self.rng_collection = rng_collection
-    stream = stream_of(rngs, rng_collection, type(self).__name__)
-    self.rngs = nnx.data(None if stream is None else stream.fork())
+    self._init_stochastic(rate, deterministic, rng_collection, rngs)
 
   def __call__(
       self,
@@ -134,65 +168,10 @@ class Dropout(nnx.Module):
     Returns:
       The masked, rescaled inputs (the inputs themselves when deterministic).
     """
-    for flag in (deterministic, self.deterministic):
-      if flag is not None:
-        deterministic = flag
-        break
-    else:
-      raise ValueError(_DETERMINISTIC_HELP.format(cls=type(self).__name__))
-    key = None
-    if not deterministic and _dropout.static_rate(self.rate) != 0.0:
-      key = call_key(rngs, self.rngs, self.rng_collection, type(self).__name__)
+    deterministic, key = self._flag_and_key(deterministic, rngs)
     return _dropout.dropout(
         key, inputs, self.rate, deterministic, broadcast_dims=self.broadcast_dims
     )
-
-  def set_view(self, deterministic: bool | None = None):
-    """Used by ``nnx.view``: sets ``deterministic`` when given."""
-    if deterministic is not None:
-      self.deterministic = deterministic
-
-
-# ----------------------------------------------------------------------------
-# Variants: each module resolves its flag and key, then calls the function in
-# jaxdrop._variants, where the mathematics lives.
-
-
-class _Stochastic:
-  """Flag and key plumbing shared by the variant modules (as in ``Dropout``)."""
-
-  def _init_stochastic(
-      self,
-      rate: float,
-      deterministic: bool | None,
-      rng_collection: str,
-      rngs: nnx.Rngs | nnx.RngStream | None,
-  ):
-    self.rate = rate
-    self.deterministic = deterministic
-    self.rng_collection = rng_collection
-    stream = stream_of(rngs, rng_collection, type(self).__name__)
-    self.rngs = nnx.data(None if stream is None else stream.fork())
-
-  def _flag_and_key(
-      self, deterministic: bool | None, rngs: Any
-  ) -> tuple[bool, jax.Array | None]:
-    """The call's flag (else the module's) and a key when one is used."""
-    for flag in (deterministic, self.deterministic):
-      if flag is not None:
-        deterministic = flag
-        break
-    else:
-      raise ValueError(_DETERMINISTIC_HELP.format(cls=type(self).__name__))
-    key = None
-    if not deterministic and _dropout.static_rate(self.rate) != 0.0:
-      key = call_key(rngs, self.rngs, self.rng_collection, type(self).__name__)
-    return deterministic, key
-
-  def set_view(self, deterministic: bool | None = None):
-    """Used by ``nnx.view``: sets ``deterministic`` when given."""
-    if deterministic is not None:
-      self.deterministic = deterministic
 
 
 class SpatialDropout(_Stochastic, nnx.Module):

@@ -13,6 +13,7 @@ import pytest
 from scipy import stats
 
 import jaxdrop
+from jaxdrop import _dropout
 from jaxdrop import _threefry
 from conftest import K_SIGMA, assert_binomial_fraction, maybe_jit
 
@@ -113,11 +114,21 @@ def test_scale_is_exact_inverse_keep_probability():
     np.testing.assert_array_equal(kept, np.float32(TWO_32 / (TWO_32 - threshold(rate))))
 
 
-def test_keep_probability_is_exact_for_python_floats():
-  for rate in (1e-12, 0.1, 0.3, 0.5, 1 - 1e-12):
-    t = threshold(rate)
-    p_keep = (TWO_32 - t) / TWO_32
-    assert abs(p_keep - (1 - rate)) <= 2.0**-32
+@pytest.mark.parametrize("rate", [1e-12, 0.1, 0.3, 0.5, 1 - 1e-12, 1 - 2.0**-40])
+def test_keep_probability_is_exact_for_python_floats(rate):
+  # The library's own threshold and scale, not this file's threshold().
+  resolved = _dropout.resolve_rate(rate, jnp.float32)
+  t = int(resolved.threshold)
+  assert abs((TWO_32 - t) / TWO_32 - (1 - rate)) <= 2.0**-32
+  assert float(resolved.scale) == np.float32(TWO_32 / (TWO_32 - t))
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3, 0.7, 0.9, 1e-3])
+def test_traced_float32_rate_keep_probability_within_2_to_minus_24(rate):
+  resolved = jax.jit(_dropout.resolve_rate, static_argnums=1)(jnp.float32(rate), jnp.float32)
+  p_keep = (TWO_32 - int(resolved.threshold)) / TWO_32
+  assert abs(p_keep - (1 - rate)) <= 2.0**-24
+  assert abs(float(resolved.scale) * p_keep - 1) <= 2.0**-23  # one float32 rounding
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
@@ -218,6 +229,25 @@ def test_static_rate_zero_has_no_random_ops():
   jaxpr = jax.make_jaxpr(lambda k, x: jaxdrop.dropout(k, x, 0.0))(jax.random.key(0), x)
   assert jaxpr.jaxpr.eqns == []  # nothing at all: x is returned as is.
   np.testing.assert_array_equal(jaxdrop.dropout(None, x, 0.0), x)
+
+
+def test_static_rates_zero_and_one_need_no_key():
+  x = jnp.ones(3)
+  np.testing.assert_array_equal(jaxdrop.dropout(None, x, 1.0), jnp.zeros(3))
+  np.testing.assert_array_equal(jaxdrop.keep_mask(None, (3,), 0.0), jnp.ones(3, bool))
+
+
+def test_non_partitionable_threefry_falls_back_to_jax_random_bits():
+  key = jax.random.key(0)
+  previous = jax.config.jax_threefry_partitionable
+  jax.config.update("jax_threefry_partitionable", False)
+  try:
+    bits = jax.random.bits(key, (1000,), jnp.uint32)
+    np.testing.assert_array_equal(
+        jaxdrop.keep_mask(key, (1000,), 0.5), bits >= np.uint32(2**31)
+    )
+  finally:
+    jax.config.update("jax_threefry_partitionable", previous)
 
 
 def test_static_rate_one_gives_zeros_and_zero_gradient():
@@ -364,9 +394,11 @@ def test_traced_deterministic_raises_type_error():
     jax.jit(lambda d: jaxdrop.dropout(jax.random.key(0), jnp.ones(3), 0.5, d))(True)
 
 
-@pytest.mark.parametrize("shape", [(-1,), (2.0,), "ab"])
-def test_keep_mask_rejects_bad_shapes(shape):
-  with pytest.raises((TypeError, ValueError), match="shape"):
+@pytest.mark.parametrize(
+    "shape, error", [((-1,), ValueError), ((2.0,), TypeError), ("ab", TypeError)]
+)
+def test_keep_mask_rejects_bad_shapes(shape, error):
+  with pytest.raises(error, match="shape"):
     jaxdrop.keep_mask(jax.random.key(0), shape, 0.5)
 
 

@@ -80,8 +80,10 @@ def test_rate_zero_and_deterministic_need_no_rng_and_rate_one_gives_zeros():
   x = jnp.arange(4.0)
   assert apply(jaxdrop.linen.Dropout(0.0), x, deterministic=False) is x
   np.testing.assert_array_equal(apply(jaxdrop.linen.Dropout(0.5), x, deterministic=True), x)
-  zeros = apply(jaxdrop.linen.Dropout(1.0), x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+  # As in flax, rate 1 needs no rng either: nothing random happens.
+  zeros = apply(jaxdrop.linen.Dropout(1.0), x, deterministic=False)
   np.testing.assert_array_equal(zeros, jnp.zeros(4))
+  np.testing.assert_array_equal(zeros, nn.Dropout(1.0).apply({}, x, deterministic=False))
 
 
 def test_bad_rate_fails_at_construction():
@@ -139,8 +141,16 @@ def test_inside_a_real_model_trains_and_evaluates():
   np.testing.assert_array_equal(a, model.apply(params, x, train=False))
 
 
-def test_same_model_with_flax_dropout_has_the_same_structure():
-  x = jnp.ones((2, 8))
-  ours = MLP().init(jax.random.key(0), x, train=False)
-  theirs = MLP(dropout=nn.Dropout).init(jax.random.key(0), x, train=False)
-  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+def test_drops_into_a_model_written_for_flax_dropout():
+  # Same params, same evaluation output, and in training the same kept
+  # fraction statistics; only the mask's bits differ.
+  x = jax.random.normal(jax.random.key(0), (64, 8))
+  ours, theirs = MLP(), MLP(dropout=nn.Dropout)
+  params = theirs.init(jax.random.key(1), x, train=False)
+  np.testing.assert_array_equal(
+      ours.apply(params, x, train=False), theirs.apply(params, x, train=False)
+  )
+  rngs = {"dropout": jax.random.key(2)}
+  a = ours.apply(params, x, train=True, rngs=rngs)
+  b = theirs.apply(params, x, train=True, rngs=rngs)
+  assert a.shape == b.shape and not np.array_equal(a, b)

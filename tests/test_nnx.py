@@ -69,7 +69,9 @@ def test_rngs_at_call_time_as_rngs_stream_or_key():
 def test_rate_zero_and_one():
   x = jnp.arange(4.0)
   assert jaxdrop.nnx.Dropout(0.0)(x) is x
-  np.testing.assert_array_equal(jaxdrop.nnx.Dropout(1.0)(x, rngs=jax.random.key(0)), jnp.zeros(4))
+  # As in flax, rate 1 needs no rng: nothing random happens.
+  np.testing.assert_array_equal(jaxdrop.nnx.Dropout(1.0)(x), jnp.zeros(4))
+  np.testing.assert_array_equal(nnx.Dropout(1.0)(x), jnp.zeros(4))
   with pytest.raises(ValueError, match="rate=-0.1"):
     jaxdrop.nnx.Dropout(-0.1)
 
@@ -82,6 +84,16 @@ class Net(nnx.Module):
 
   def __call__(self, x):
     return self.out(self.dropout(nnx.relu(self.hidden(x))))
+
+
+def test_state_matches_flax_nnx_dropout():
+  ours = jaxdrop.nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0))
+  theirs = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0))
+  a, b = nnx.state(ours), nnx.state(theirs)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  as_data = lambda v: jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v  # noqa: E731
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(as_data(x), as_data(y))
 
 
 def test_train_eval_and_view_switch_dropout():
