@@ -88,3 +88,51 @@ def bits32(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   lo = linear_index(shape)
   y0, y1 = threefry2x32(key_data[0], key_data[1], hi, lo)
   return y0 ^ y1
+
+
+# ----------------------------------------------------------------------------
+# The 16-bit mode: four decisions per hash.
+#
+# One Threefry call gives 64 bits: ``jax.random.bits(key, (m,), jnp.uint64)``
+# is ``hi << 32 | lo`` for counter i. The 16-bit mode spends them on four
+# mask elements, most significant lane first:
+#
+#   lane16[L] = (u64[L // 4] >> (48 - 16 * (L % 4))) & 0xFFFF
+#
+# XLA computes a fused elementwise expression once per output element, so
+# four elements sharing one hash would each recompute it. Instead one fusion
+# decides 32 elements per uint32 word (8 hashes, 4 lanes each) and the select
+# fusion reads one word per 32 outputs.
+
+LANES_16 = 4
+_WORD = 32
+
+
+def packed_keep16(
+    key_data: jax.Array, n: int, threshold: jax.Array, keep_any: jax.Array
+) -> jax.Array:
+  """uint32[ceil(n / 32)]: bit ``L % 32`` of word ``L // 32`` is ``lane16[L] >= t``."""
+  hashes_per_word = _WORD // LANES_16
+  shape = (-(-n // _WORD), hashes_per_word)
+  group = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
+  counter = jax.lax.broadcasted_iota(jnp.uint32, shape, 0) * np.uint32(hashes_per_word) + group
+  hi, lo = threefry2x32(key_data[0], key_data[1], jnp.zeros((), jnp.uint32), counter)
+  low16 = np.uint32(0xFFFF)
+  lanes = (hi >> np.uint32(16), hi & low16, lo >> np.uint32(16), lo & low16)
+  word = jnp.zeros(shape, jnp.uint32)
+  for lane, value in enumerate(lanes):
+    keep = ((value >= threshold) & keep_any).astype(jnp.uint32)
+    word = word | (keep << (group * np.uint32(LANES_16) + np.uint32(lane)))
+  return jax.lax.reduce(word, np.uint32(0), jax.lax.bitwise_or, (1,))
+
+
+def unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """bool[shape] whose row-major element ``L`` is bit ``L % 32`` of word ``L // 32``."""
+  n = math.prod(shape)
+  if n % _WORD == 0:
+    # A reshape rather than a gather: the consumer reads one word per 32 outputs.
+    offset = jax.lax.broadcasted_iota(jnp.uint32, (n // _WORD, _WORD), 1)
+    return (((packed[:, None] >> offset) & np.uint32(1)) != 0).reshape(shape)
+  index = linear_index(shape)
+  word = packed[index >> np.uint32(5)]
+  return ((word >> (index & np.uint32(31))) & np.uint32(1)) != 0

@@ -76,6 +76,7 @@ class Dropout(nn.Module):
     deterministic: if True, return the input unchanged. Merged with the call
       argument as in flax: exactly one of the two must be set.
     rng_collection: the rng stream the key is drawn from.
+    bits: 32 (default) or 16 for the fast mode; see :func:`jaxdrop.dropout`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxdrop
@@ -90,9 +91,11 @@ class Dropout(nn.Module):
   broadcast_dims: Sequence[int] = ()
   deterministic: bool | None = None
   rng_collection: str = "dropout"
+  bits: int = 32
 
   def __post_init__(self):
     _dropout.static_rate(self.rate)
+    _dropout.check_bits(self.bits)
     super().__post_init__()
 
   @nn.compact
@@ -115,7 +118,12 @@ class Dropout(nn.Module):
     """
     deterministic, rng = _flag_and_key(self, deterministic, rng)
     return _dropout.dropout(
-        rng, inputs, self.rate, deterministic, broadcast_dims=self.broadcast_dims
+        rng,
+        inputs,
+        self.rate,
+        deterministic,
+        broadcast_dims=self.broadcast_dims,
+        bits=self.bits,
     )
 
 

@@ -124,6 +124,7 @@ class Dropout(_Stochastic, nnx.Module):
     rng_collection: the name of the rng stream to take keys from.
     rngs: an ``nnx.Rngs`` holding that stream (forked here), an
       ``nnx.RngStream``, or None to pass keys at call time.
+    bits: 32 (default) or 16 for the fast mode; see :func:`jaxdrop.dropout`.
 
   Examples:
     >>> import jax.numpy as jnp, jaxdrop
@@ -145,8 +146,10 @@ class Dropout(_Stochastic, nnx.Module):
       deterministic: bool | None = False,
       rng_collection: str = "dropout",
       rngs: nnx.Rngs | nnx.RngStream | None = None,
+      bits: int = 32,
   ):
     _dropout.static_rate(rate)
+    self.bits = _dropout.check_bits(bits)
     self.broadcast_dims = tuple(broadcast_dims)
     self._init_stochastic(rate, deterministic, rng_collection, rngs)
 
@@ -170,7 +173,12 @@ class Dropout(_Stochastic, nnx.Module):
     """
     deterministic, key = self._flag_and_key(deterministic, rngs)
     return _dropout.dropout(
-        key, inputs, self.rate, deterministic, broadcast_dims=self.broadcast_dims
+        key,
+        inputs,
+        self.rate,
+        deterministic,
+        broadcast_dims=self.broadcast_dims,
+        bits=self.bits,
     )
 
 
