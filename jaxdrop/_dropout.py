@@ -414,9 +414,9 @@ def dropout(
       ``u = jax.random.bits(key, (ceil(n / 4),), jnp.uint64)`` with
       ``t = round(rate * 2**16)``. The keep probability is then quantized to
       multiples of 2**-16 and the scale is its exact inverse, so the mean is
-      still exact. Fast mode needs a threefry key; it is about a third
-      faster on CPU and for bfloat16 on GPU, but not for float32 on GPU
-      (see BENCHMARKS.md).
+      still exact. Fast mode needs a threefry key. It measured about a
+      third less time on CPU and a quarter less for bfloat16 on an H200,
+      with no gain for float32 on that GPU (see BENCHMARKS.md).
 
   Returns:
     An array with the shape and dtype of ``x``.

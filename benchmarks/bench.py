@@ -1,0 +1,455 @@
+"""Benchmarks jaxdrop against flax, equinox and haiku dropout, and the memory floor.
+
+Everything runs in one process, jitted, with compilation excluded; the
+variants are interleaved (each repeat times every variant once, starting from
+a rotating position) and the median of the repeats is reported:
+
+1. forward ``f(key, x)`` and forward+backward ``grad_x sum(f(key, x) * w)``
+   for every variant, size, dtype and rate. ``x * 2.0`` is the floor: one read
+   and one write, what any elementwise op must pay (its backward, ``2 * w``,
+   is one read and one write too);
+2. temp bytes (``memory_analysis()``) of a donated, jitted MLP train step
+   (784-1024-1024-10, batch 256, Adam, dropout after each hidden relu);
+3. the time of that train step.
+
+Usage (from the repository root):
+  python benchmarks/bench.py                          # CPU, a few minutes
+  python benchmarks/bench.py --quick                  # smoke run, seconds
+  python benchmarks/bench.py --platform gpu --json gpu.json
+
+equinox and dm-haiku (``pip install -e .[bench]``) are optional: their rows
+are skipped when they are not installed. The ``bits=16`` rows are jaxdrop's
+fast mode (four 16-bit decisions per hash); ``--no-fast`` leaves them out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import importlib.metadata
+import json
+import math
+import os
+import platform as platform_lib
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+  sys.path.insert(0, str(_ROOT))  # Run from a checkout without installing.
+
+import jaxdrop  # noqa: E402
+
+try:
+  import equinox as eqx
+except ImportError:
+  eqx = None
+try:
+  import haiku as hk
+except ImportError:
+  hk = None
+
+FLOOR = "x * 2.0 (floor)"
+FLAX = "flax.linen.Dropout"
+FAST = "jaxdrop.dropout bits=16"
+FAST_LINEN = "jaxdrop.linen.Dropout bits=16"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  platform: str | None = None  # "cpu" or "gpu"; None: JAX's default backend.
+  # Elements: 2**24, 2**22, 2**20; largest first, so that a run cut short by a
+  # time limit has the headline numbers (and writes them: --json is updated
+  # after every configuration).
+  log2_sizes: tuple[int, ...] = (24, 22, 20)
+  dtypes: tuple[str, ...] = ("float32", "bfloat16")
+  rates: tuple[float, ...] = (0.1, 0.5)
+  repeats: int = 7  # samples per timing; the median is reported.
+  # Each sample repeats the call until it lasts this long (None: 20 ms on CPU,
+  # 10 ms elsewhere), so that small arrays are not timed at the clock's grain.
+  min_sample_s: float | None = None
+  train_rate: float = 0.1  # dropout rate in the MLP.
+  train_repeats: int = 15
+  train_min_sample_s: float = 0.1
+  fast: bool = True  # also time the fast mode (bits=16).
+  json: str | None = None  # also write the results here.
+
+
+QUICK = dict(log2_sizes=(20,), rates=(0.5,), repeats=3, train_repeats=3,
+             train_min_sample_s=0.02)
+
+
+# ----------------------------------------------------------------------------
+# The variants: each maps a static rate to f(key, x).
+
+
+def _linen(module: nn.Module) -> Callable:
+  return lambda key, x: module.apply({}, x, rngs={"dropout": key})
+
+
+def variants(rate: float, fast: bool) -> dict[str, Callable]:
+  fns = {
+      FLOOR: lambda key, x: x * 2.0,
+      "jaxdrop.dropout": lambda key, x: jaxdrop.dropout(key, x, rate),
+      FAST: lambda key, x: jaxdrop.dropout(key, x, rate, bits=16),
+      "jaxdrop.linen.Dropout": _linen(jaxdrop.linen.Dropout(rate, deterministic=False)),
+      "jaxdrop.nnx.Dropout": lambda key, x: jaxdrop.nnx.Dropout(rate)(x, rngs=key),
+      FLAX: _linen(nn.Dropout(rate, deterministic=False)),
+      "flax.nnx.Dropout": lambda key, x: nnx.Dropout(rate, deterministic=False)(x, rngs=key),
+  }
+  if eqx is not None:
+    fns["equinox.nn.Dropout"] = lambda key, x: eqx.nn.Dropout(rate)(x, key=key, inference=False)
+  if hk is not None:
+    fns["haiku.dropout"] = lambda key, x: hk.dropout(key, rate, x)
+  if not fast:
+    del fns[FAST]
+  return fns
+
+
+def forward_backward(fn: Callable) -> Callable:
+  """``(key, x, w) -> grad_x sum(fn(key, x) * w)``."""
+  return lambda key, x, w: jax.grad(lambda x: jnp.sum(fn(key, x) * w))(x)
+
+
+# ----------------------------------------------------------------------------
+# Timing.
+
+
+def _seconds_per_call(fn: Callable, args: tuple, calls: int) -> float:
+  start = time.perf_counter()
+  for _ in range(calls):
+    out = fn(*args)  # Dispatch is asynchronous: calls queue back to back.
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / calls
+
+
+def interleaved(fns: dict[str, Callable], args: tuple, repeats: int, min_sample_s: float):
+  """Per variant: the samples, in seconds per call, taken round-robin."""
+  calls = {}
+  for name, fn in fns.items():
+    jax.block_until_ready(fn(*args))  # Compile (and warm up) first.
+    once = _seconds_per_call(fn, args, 1)
+    calls[name] = max(1, math.ceil(min_sample_s / max(once, 1e-9)))
+  names = list(fns)
+  samples = {name: [] for name in names}
+  for repeat in range(repeats):
+    for i in range(len(names)):
+      name = names[(repeat + i) % len(names)]
+      samples[name].append(_seconds_per_call(fns[name], args, calls[name]))
+  return samples
+
+
+def bench_elementwise(
+    cfg: Config, min_sample_s: float, records: list[dict], save: Callable[[], None]
+) -> None:
+  key = jax.random.key(0)
+  for log2 in cfg.log2_sizes:
+    for dtype in cfg.dtypes:
+      n = 2**log2
+      x = jax.random.normal(jax.random.key(1), (n,), jnp.float32).astype(dtype)
+      w = jax.random.normal(jax.random.key(2), (n,), jnp.float32).astype(dtype)
+      for rate in cfg.rates:
+        fns = variants(rate, cfg.fast)
+        for mode, wrap, args in (
+            ("fwd", lambda f: f, (key, x)),
+            ("fwd+bwd", forward_backward, (key, x, w)),
+        ):
+          jitted = {name: jax.jit(wrap(fn)) for name, fn in fns.items()}
+          samples = interleaved(jitted, args, cfg.repeats, min_sample_s)
+          median = {name: float(np.median(s)) for name, s in samples.items()}
+          for name in fns:
+            records.append(dict(
+                log2_size=log2, dtype=dtype, rate=rate, mode=mode, variant=name,
+                ms=median[name] * 1e3,
+                x_floor=median[name] / median[FLOOR],
+                speedup_vs_flax=median[FLAX] / median[name],
+                samples_ms=[s * 1e3 for s in samples[name]],
+            ))
+        print_elementwise([r for r in records if r["log2_size"] == log2
+                           and r["dtype"] == dtype and r["rate"] == rate])
+        save()
+
+
+def print_elementwise(records: list[dict]) -> None:
+  first = records[0]
+  print(f"\nn = 2^{first['log2_size']}, {first['dtype']}, rate {first['rate']}"
+        "   (x floor: time / floor's time; vs flax: flax.linen's time / time)")
+  print(f"  {'variant':<31}{'fwd ms':>9}{'x floor':>9}{'vs flax':>9}"
+        f"{'f+b ms':>10}{'x floor':>9}{'vs flax':>9}")
+  by = {(r["variant"], r["mode"]): r for r in records}
+  for name in dict.fromkeys(r["variant"] for r in records):
+    f, b = by[name, "fwd"], by[name, "fwd+bwd"]
+    print(f"  {name:<31}{f['ms']:9.4g}{f['x_floor']:9.2f}{f['speedup_vs_flax']:9.2f}"
+          f"{b['ms']:10.4g}{b['x_floor']:9.2f}{b['speedup_vs_flax']:9.2f}")
+  sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------
+# The MLP train step: memory and time.
+
+
+class MLP(nn.Module):
+  dropout: Callable[..., nn.Module] | None  # a linen Dropout class, or None.
+  rate: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    for width in (1024, 1024):
+      x = nn.relu(nn.Dense(width)(x))
+      if self.dropout is not None:
+        x = self.dropout(self.rate, deterministic=not train)(x)
+    return nn.Dense(10)(x)
+
+
+def train_models(cfg: Config) -> dict[str, nn.Module]:
+  models = {
+      "no dropout": MLP(None, cfg.train_rate),
+      "jaxdrop.linen.Dropout": MLP(jaxdrop.linen.Dropout, cfg.train_rate),
+      FLAX: MLP(nn.Dropout, cfg.train_rate),
+  }
+  if cfg.fast:
+    models[FAST_LINEN] = MLP(functools.partial(jaxdrop.linen.Dropout, bits=16), cfg.train_rate)
+  return models
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
+  def train_step(params, opt_state, batch, key):
+    images, labels = batch
+
+    def loss_fn(params):
+      logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def bench_train_step(cfg: Config) -> dict:
+  batch = (
+      jax.random.normal(jax.random.key(3), (256, 784), jnp.float32),
+      jax.random.randint(jax.random.key(4), (256,), 0, 10),
+  )
+  # One fixed key: the masks do not change the cost, and a per-step fold_in
+  # would add a dispatch to every timed call.
+  key = jax.random.key(5)
+  tx = optax.adam(1e-3)
+  memory, states, steps = {}, {}, {}
+  for name, model in train_models(cfg).items():
+    params = model.init(jax.random.key(6), batch[0], train=False)["params"]
+    opt_state = tx.init(params)
+    step = make_train_step(model, tx)
+    stats = step.lower(params, opt_state, batch, key).compile().memory_analysis()
+    memory[name] = dict(
+        temp_bytes=int(stats.temp_size_in_bytes),
+        argument_bytes=int(stats.argument_size_in_bytes),
+        output_bytes=int(stats.output_size_in_bytes),
+        alias_bytes=int(stats.alias_size_in_bytes),
+    )
+    states[name], steps[name] = [params, opt_state], step
+  base = memory["no dropout"]["temp_bytes"]
+  for m in memory.values():
+    m["temp_bytes_over_no_dropout"] = m["temp_bytes"] - base
+
+  def run(name: str, count: int) -> float:
+    state, step = states[name], steps[name]
+    start = time.perf_counter()
+    for _ in range(count):
+      state[0], state[1], loss = step(state[0], state[1], batch, key)
+    jax.block_until_ready(loss)
+    return (time.perf_counter() - start) / count
+
+  calls = {}
+  for name in steps:
+    run(name, 2)  # Compile and warm up.
+    calls[name] = max(1, math.ceil(cfg.train_min_sample_s / run(name, 1)))
+  names = list(steps)
+  samples = {name: [] for name in names}
+  for repeat in range(cfg.train_repeats):
+    for i in range(len(names)):
+      name = names[(repeat + i) % len(names)]
+      samples[name].append(run(name, calls[name]))
+  median = {name: float(np.median(s)) for name, s in samples.items()}
+  timing = {
+      name: dict(ms=median[name] * 1e3,
+                 x_no_dropout=median[name] / median["no dropout"],
+                 samples_ms=[s * 1e3 for s in samples[name]])
+      for name in names
+  }
+  print("\nMLP train step 784-1024-1024-10, batch 256, Adam, donated; "
+        f"dropout rate {cfg.train_rate} after each hidden relu")
+  print(f"  {'variant':<31}{'temp bytes':>12}{'vs none':>11}{'step ms':>10}{'x none':>8}")
+  for name in names:
+    m, t = memory[name], timing[name]
+    print(f"  {name:<31}{m['temp_bytes']:12,d}{m['temp_bytes_over_no_dropout']:+11,d}"
+          f"{t['ms']:10.4g}{t['x_no_dropout']:8.3f}")
+  return dict(memory=memory, time=timing)
+
+
+# ----------------------------------------------------------------------------
+# Targets and metadata.
+
+
+def check_targets(cfg: Config, records: list[dict], train: dict, gpu: bool) -> list[dict]:
+  """The issue's targets, evaluated at the largest size measured.
+
+  Each target is checked for the default mode and, when measured, for the
+  fast mode (``bits=16``); the stretch targets are the fast mode's own.
+  """
+  log2 = max(cfg.log2_sizes)
+  by = {(r["variant"], r["dtype"], r["rate"], r["mode"]): r
+        for r in records if r["log2_size"] == log2}
+  modes = {"jaxdrop.dropout": "jaxdrop.linen.Dropout"}
+  if cfg.fast:
+    modes[FAST] = FAST_LINEN
+  targets = []
+
+  def add(what: str, value: float, bound: float, at_most: bool, stretch=False):
+    met = value <= bound if at_most else value >= bound
+    targets.append(dict(target=what, value=value, bound=bound, met=bool(met), stretch=stretch))
+
+  fb_bound, flax_bound = (1.1, 3.0) if gpu else (1.5, 6.0)
+  for rate in cfg.rates:
+    at = f"2^{log2} rate {rate}"
+    for name in modes:
+      if "float32" in cfg.dtypes:
+        fwd = by[name, "float32", rate, "fwd"]
+        fb = by[name, "float32", rate, "fwd+bwd"]
+        add(f"{name}, fwd f32 {at}: x floor <= 1.5", fwd["x_floor"], 1.5, True)
+        add(f"{name}, fwd+bwd f32 {at}: x floor <= {fb_bound}", fb["x_floor"], fb_bound, True)
+        add(f"{name}, fwd f32 {at}: speedup vs flax.linen >= {flax_bound:g}",
+            fwd["speedup_vs_flax"], flax_bound, False)
+        add(f"{name}, fwd+bwd f32 {at}: speedup vs flax.linen >= {flax_bound:g}",
+            fb["speedup_vs_flax"], flax_bound, False)
+        if name == FAST:
+          add(f"stretch, {name}, fwd f32 {at}: x floor <= 1.2", fwd["x_floor"], 1.2,
+              True, stretch=True)
+          add(f"stretch, {name}, fwd f32 {at}: speedup vs flax.linen >= 8",
+              fwd["speedup_vs_flax"], 8.0, False, stretch=True)
+      if "bfloat16" in cfg.dtypes:
+        bf = by[name, "bfloat16", rate, "fwd"]
+        add(f"{name}, fwd bf16 {at}: x floor <= 2.0", bf["x_floor"], 2.0, True)
+  for linen in modes.values():
+    extra = train["memory"][linen]["temp_bytes_over_no_dropout"]
+    add(f"{linen}, MLP step temp bytes added <= 1024", extra, 1024, True)
+    ratio = train["time"][linen]["x_no_dropout"]
+    add(f"{linen}, MLP step time: x no dropout <= 1.05", ratio, 1.05, True)
+  print("\nTargets" + (" (GPU bounds)" if gpu else " (CPU bounds)"))
+  for t in targets:
+    print(f"  {'met    ' if t['met'] else 'NOT MET'}  {t['target']}: {t['value']:.3g}")
+  return targets
+
+
+def _version(dist: str) -> str | None:
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform_lib.processor() or platform_lib.machine()
+
+
+def _git_commit() -> str | None:
+  try:
+    out = subprocess.run(["git", "-C", str(_ROOT), "describe", "--always", "--dirty"],
+                         capture_output=True, text=True, timeout=10)
+    return out.stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def metadata() -> dict[str, Any]:
+  device = jax.devices()[0]
+  return dict(
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      command="python " + " ".join(sys.argv),
+      backend=jax.default_backend(),
+      device=device.device_kind,
+      device_count=jax.device_count(),
+      cpu=_cpu_model(),
+      cpu_count=os.cpu_count(),
+      python=platform_lib.python_version(),
+      versions={d: _version(d) for d in (
+          "jax", "jaxlib", "flax", "optax", "equinox", "dm-haiku", "numpy")},
+      jaxdrop_commit=_git_commit(),
+      skipped=[name for name, mod in (("equinox", eqx), ("haiku", hk)) if mod is None],
+  )
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+  defaults = Config()
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--platform", default=defaults.platform, help="cpu or gpu")
+  parser.add_argument("--quick", action="store_true", help="a smoke run: 2^20, rate 0.5")
+  parser.add_argument("--log2-sizes", type=int, nargs="+")
+  parser.add_argument("--dtypes", nargs="+")
+  parser.add_argument("--rates", type=float, nargs="+")
+  parser.add_argument("--repeats", type=int)
+  parser.add_argument("--no-fast", action="store_true", help="leave out the bits=16 rows")
+  parser.add_argument("--json", default=None, help="write the results to this path")
+  args = parser.parse_args(argv)
+  cfg = dataclasses.replace(defaults, **QUICK) if args.quick else defaults
+  overrides = dict(platform=args.platform, json=args.json,
+                   fast=cfg.fast and not args.no_fast)
+  for field in ("log2_sizes", "dtypes", "rates", "repeats"):
+    value = getattr(args, field)
+    if value is not None:
+      overrides[field] = tuple(value) if isinstance(value, list) else value
+  return dataclasses.replace(cfg, **overrides)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  cfg = parse_args(argv)
+  if cfg.platform is not None:
+    # JAX expands "gpu" to "cuda,rocm" and then fails on the one not installed.
+    jax.config.update("jax_platforms", "cuda" if cfg.platform == "gpu" else cfg.platform)
+  meta = metadata()
+  print(f"jaxdrop benchmark on {meta['device']} ({meta['backend']}; {meta['cpu']}, "
+        f"{meta['cpu_count']} cores), jax {meta['versions']['jax']}, "
+        f"flax {meta['versions']['flax']}")
+  if meta["skipped"]:
+    print(f"skipped (not installed): {', '.join(meta['skipped'])}")
+  gpu = meta["backend"] == "gpu"
+  min_sample_s = cfg.min_sample_s or (0.02 if meta["backend"] == "cpu" else 0.01)
+  start = time.perf_counter()
+  results = dict(meta=meta, config=dataclasses.asdict(cfg), elementwise=[])
+
+  def save() -> None:
+    meta["seconds"] = round(time.perf_counter() - start, 1)
+    if cfg.json:
+      Path(cfg.json).write_text(json.dumps(results, indent=1))
+
+  bench_elementwise(cfg, min_sample_s, results["elementwise"], save)
+  results["train_step"] = bench_train_step(cfg)
+  results["targets"] = check_targets(cfg, results["elementwise"], results["train_step"], gpu)
+  save()
+  print(f"\n{meta['seconds']} s")
+  return results
+
+
+if __name__ == "__main__":
+  main()
