@@ -335,8 +335,8 @@ def _mask_kernel(key_data, rate, *, spec, fixed_rate):
   return _keep(spec, key_data, resolved) & resolved.valid
 
 
-def check_bits(bits: Any, impl: str | None = None) -> int:
-  """Validates the ``bits`` mode (and, given a key's ``impl``, its support)."""
+def check_bits(bits: Any) -> int:
+  """Validates the ``bits`` mode: 32 (default) or 16 (fast)."""
   if isinstance(bits, bool) or not isinstance(bits, (numbers.Integral, np.integer)):
     raise TypeError(f"bits must be 32 or 16, got bits={bits!r}")
   if bits not in _BITS:
@@ -344,21 +344,25 @@ def check_bits(bits: Any, impl: str | None = None) -> int:
         f"bits must be 32 (default: bit-identical to jax.random.bits(key, shape, "
         f"jnp.uint32) thresholds) or 16 (fast mode), got bits={bits!r}"
     )
-  if bits == 16 and impl is not None and (
-      impl != _THREEFRY or not jax.config.jax_threefry_partitionable
-  ):
-    raise ValueError(
-        f"bits=16 needs a threefry2x32 key with jax_threefry_partitionable on "
-        f"(the defaults), got a {impl!r} key; use bits=32"
-    )
   return int(bits)
 
 
 def _mask_spec(impl: str, shape: tuple[int, ...], bits: int) -> _MaskSpec:
-  check_bits(bits, impl)
-  if bits == 16 and math.prod(shape) >= _threefry.MAX_FUSED_SIZE:
-    raise ValueError(f"bits=16 supports masks below 2**32 elements, got shape={shape}")
+  """The static mask layout; checks that the fast mode supports the key and size."""
+  if bits == 16:
+    if impl != _THREEFRY or not jax.config.jax_threefry_partitionable:
+      raise ValueError(
+          f"bits=16 needs a threefry2x32 key with jax_threefry_partitionable on "
+          f"(the defaults), got a {impl!r} key; use bits=32"
+      )
+    if math.prod(shape) >= _threefry.MAX_FUSED_SIZE:
+      raise ValueError(f"bits=16 supports masks below 2**32 elements, got shape={shape}")
   return _MaskSpec(impl, shape, bits)
+
+
+def needs_key(rate: Any, deterministic: bool) -> bool:
+  """Whether dropout draws random bits: not when off, nor at static rates 0 and 1."""
+  return not deterministic and static_rate(rate) not in (0.0, 1.0)
 
 
 def mask_shape_for(shape: tuple[int, ...], broadcast_dims: Sequence[int]) -> tuple[int, ...]:

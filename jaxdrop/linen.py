@@ -46,22 +46,53 @@ def dropout_key(module: nn.Module, rng_collection: str) -> jax.Array:
   return module.make_rng(rng_collection)
 
 
-def needs_key(rate, deterministic: bool) -> bool:
-  """Whether a key is used: not for evaluation, nor static rates 0 and 1."""
-  return not deterministic and _dropout.static_rate(rate) not in (0.0, 1.0)
+class _Stochastic(nn.Module):
+  """Flag and key plumbing shared by the modules here; the math is elsewhere.
+
+  A subclass declares the fields ``rate``, ``deterministic`` and
+  ``rng_collection`` (plus its own) and implements ``_apply(rng, inputs,
+  deterministic)`` by calling its pure function.
+  """
+
+  def _check_fields(self) -> None:
+    _dropout.static_rate(self.rate)
+
+  def __post_init__(self):
+    self._check_fields()
+    super().__post_init__()
+
+  def _flag_and_key(
+      self, deterministic: bool | None, rng: jax.Array | None
+  ) -> tuple[bool, jax.Array | None]:
+    """Merges ``deterministic`` as flax does; draws a key only when one is used."""
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    if rng is None and _dropout.needs_key(self.rate, deterministic):
+      rng = dropout_key(self, self.rng_collection)
+    return deterministic, rng
+
+  @nn.compact
+  def __call__(
+      self,
+      inputs: jax.typing.ArrayLike,
+      deterministic: bool | None = None,
+      rng: jax.Array | None = None,
+  ) -> jax.Array:
+    """Applies the layer to ``inputs``.
+
+    Args:
+      inputs: the array to transform.
+      deterministic: if True, return the inputs unchanged. As in flax, give
+        it either here or as the field, not both (``nn.merge_param``).
+      rng: a key to use instead of the ``rng_collection`` stream.
+
+    Returns:
+      The transformed inputs (the inputs themselves when deterministic).
+    """
+    deterministic, rng = self._flag_and_key(deterministic, rng)
+    return self._apply(rng, inputs, deterministic)
 
 
-def _flag_and_key(
-    module: nn.Module, deterministic: bool | None, rng: jax.Array | None
-) -> tuple[bool, jax.Array | None]:
-  """Merges ``deterministic`` as flax does; draws a key only when one is used."""
-  deterministic = nn.merge_param("deterministic", module.deterministic, deterministic)
-  if rng is None and needs_key(module.rate, deterministic):
-    rng = dropout_key(module, module.rng_collection)
-  return deterministic, rng
-
-
-class Dropout(nn.Module):
+class Dropout(_Stochastic):
   """Dropout layer; same fields and call as ``flax.linen.Dropout``.
 
   Computes :func:`jaxdrop.dropout` with a key from the ``rng_collection``
@@ -93,30 +124,11 @@ class Dropout(nn.Module):
   rng_collection: str = "dropout"
   bits: int = 32
 
-  def __post_init__(self):
-    _dropout.static_rate(self.rate)
+  def _check_fields(self) -> None:
+    super()._check_fields()
     _dropout.check_bits(self.bits)
-    super().__post_init__()
 
-  @nn.compact
-  def __call__(
-      self,
-      inputs: jax.typing.ArrayLike,
-      deterministic: bool | None = None,
-      rng: jax.Array | None = None,
-  ) -> jax.Array:
-    """Applies dropout to ``inputs``.
-
-    Args:
-      inputs: the array to mask.
-      deterministic: if True, return the inputs unchanged. As in flax, give
-        it either here or as the field, not both (``nn.merge_param``).
-      rng: a key to use instead of the ``rng_collection`` stream.
-
-    Returns:
-      The masked, rescaled inputs (the inputs themselves when deterministic).
-    """
-    deterministic, rng = _flag_and_key(self, deterministic, rng)
+  def _apply(self, rng, inputs, deterministic):
     return _dropout.dropout(
         rng,
         inputs,
@@ -132,7 +144,7 @@ class Dropout(nn.Module):
 # jaxdrop._variants, where the mathematics lives.
 
 
-class SpatialDropout(nn.Module):
+class SpatialDropout(_Stochastic):
   """Drops whole channels; see :func:`jaxdrop.spatial_dropout`.
 
   One decision per (example, channel), shared over the other axes, with
@@ -161,19 +173,7 @@ class SpatialDropout(nn.Module):
   deterministic: bool | None = None
   rng_collection: str = "dropout"
 
-  def __post_init__(self):
-    _dropout.static_rate(self.rate)
-    super().__post_init__()
-
-  @nn.compact
-  def __call__(
-      self,
-      inputs: jax.typing.ArrayLike,
-      deterministic: bool | None = None,
-      rng: jax.Array | None = None,
-  ) -> jax.Array:
-    """Applies spatial dropout; ``rng`` replaces the stream's key if given."""
-    deterministic, rng = _flag_and_key(self, deterministic, rng)
+  def _apply(self, rng, inputs, deterministic):
     return _variants.spatial_dropout(
         rng,
         inputs,
@@ -184,7 +184,7 @@ class SpatialDropout(nn.Module):
     )
 
 
-class AlphaDropout(nn.Module):
+class AlphaDropout(_Stochastic):
   """Alpha dropout for SELU networks; see :func:`jaxdrop.alpha_dropout`.
 
   Dropped units take SELU's saturation value, then an affine map restores
@@ -207,23 +207,11 @@ class AlphaDropout(nn.Module):
   deterministic: bool | None = None
   rng_collection: str = "dropout"
 
-  def __post_init__(self):
-    _dropout.static_rate(self.rate)
-    super().__post_init__()
-
-  @nn.compact
-  def __call__(
-      self,
-      inputs: jax.typing.ArrayLike,
-      deterministic: bool | None = None,
-      rng: jax.Array | None = None,
-  ) -> jax.Array:
-    """Applies alpha dropout; ``rng`` replaces the stream's key if given."""
-    deterministic, rng = _flag_and_key(self, deterministic, rng)
+  def _apply(self, rng, inputs, deterministic):
     return _variants.alpha_dropout(rng, inputs, self.rate, deterministic)
 
 
-class GaussianDropout(nn.Module):
+class GaussianDropout(_Stochastic):
   """Multiplicative N(1, rate / (1 - rate)) noise; see :func:`jaxdrop.gaussian_dropout`.
 
   Attributes:
@@ -246,23 +234,14 @@ class GaussianDropout(nn.Module):
   deterministic: bool | None = None
   rng_collection: str = "dropout"
 
-  def __post_init__(self):
+  def _check_fields(self) -> None:
     _variants.check_gaussian_rate(self.rate)
-    super().__post_init__()
 
-  @nn.compact
-  def __call__(
-      self,
-      inputs: jax.typing.ArrayLike,
-      deterministic: bool | None = None,
-      rng: jax.Array | None = None,
-  ) -> jax.Array:
-    """Applies Gaussian dropout; ``rng`` replaces the stream's key if given."""
-    deterministic, rng = _flag_and_key(self, deterministic, rng)
+  def _apply(self, rng, inputs, deterministic):
     return _variants.gaussian_dropout(rng, inputs, self.rate, deterministic)
 
 
-class DropPath(nn.Module):
+class DropPath(_Stochastic):
   """Stochastic depth for a residual branch; see :func:`jaxdrop.drop_path`.
 
   Each example's branch is dropped with probability ``rate`` (**the
@@ -290,25 +269,13 @@ class DropPath(nn.Module):
   deterministic: bool | None = None
   rng_collection: str = "dropout"
 
-  def __post_init__(self):
-    _dropout.static_rate(self.rate)
-    super().__post_init__()
-
-  @nn.compact
-  def __call__(
-      self,
-      inputs: jax.typing.ArrayLike,
-      deterministic: bool | None = None,
-      rng: jax.Array | None = None,
-  ) -> jax.Array:
-    """Applies drop path; ``rng`` replaces the stream's key if given."""
-    deterministic, rng = _flag_and_key(self, deterministic, rng)
+  def _apply(self, rng, inputs, deterministic):
     return _variants.drop_path(
         rng, inputs, self.rate, deterministic, batch_axis=self.batch_axis
     )
 
 
-class DropConnectDense(nn.Module):
+class DropConnectDense(_Stochastic):
   """``nn.Dense`` whose kernel is masked by :func:`jaxdrop.dropconnect` each call.
 
   The parameters (``kernel``, ``bias``) are those of ``flax.linen.Dense``, so
@@ -351,10 +318,6 @@ class DropConnectDense(nn.Module):
   deterministic: bool | None = None
   rng_collection: str = "dropout"
 
-  def __post_init__(self):
-    _dropout.static_rate(self.rate)
-    super().__post_init__()
-
   @nn.compact
   def __call__(
       self,
@@ -370,7 +333,7 @@ class DropConnectDense(nn.Module):
     bias = None
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    deterministic, rng = _flag_and_key(self, deterministic, rng)
+    deterministic, rng = self._flag_and_key(deterministic, rng)
     kernel = _variants.dropconnect(rng, kernel, self.rate, deterministic)
     inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     y = jax.lax.dot_general(

@@ -73,7 +73,11 @@ def call_key(
 
 
 class _Stochastic:
-  """Flag and key plumbing shared by every module here; the math is elsewhere."""
+  """Flag and key plumbing shared by every module here; the math is elsewhere.
+
+  A subclass calls ``_init_stochastic`` from its constructor and implements
+  ``_apply(key, inputs, deterministic)`` by calling its pure function.
+  """
 
   def _init_stochastic(
       self,
@@ -81,7 +85,9 @@ class _Stochastic:
       deterministic: bool | None,
       rng_collection: str,
       rngs: nnx.Rngs | nnx.RngStream | None,
+      check_rate: Any = _dropout.static_rate,
   ):
+    check_rate(rate)
     self.rate = rate
     self.deterministic = deterministic
     self.rng_collection = rng_collection
@@ -99,9 +105,30 @@ class _Stochastic:
     else:
       raise ValueError(_DETERMINISTIC_HELP.format(cls=type(self).__name__))
     key = None
-    if not deterministic and _dropout.static_rate(self.rate) not in (0.0, 1.0):
+    if _dropout.needs_key(self.rate, deterministic):
       key = call_key(rngs, self.rngs, self.rng_collection, type(self).__name__)
     return deterministic, key
+
+  def __call__(
+      self,
+      inputs: jax.typing.ArrayLike,
+      *,
+      deterministic: bool | None = None,
+      rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+  ) -> jax.Array:
+    """Applies the layer to ``inputs``.
+
+    Args:
+      inputs: the array to transform.
+      deterministic: overrides the module's flag for this call.
+      rngs: overrides the module's stream for this call: an Rngs, an
+        RngStream or a key.
+
+    Returns:
+      The transformed inputs (the inputs themselves when deterministic).
+    """
+    deterministic, key = self._flag_and_key(deterministic, rngs)
+    return self._apply(key, inputs, deterministic)
 
   def set_view(self, deterministic: bool | None = None):
     """Used by ``nnx.view``: sets ``deterministic`` when given."""
@@ -148,30 +175,11 @@ class Dropout(_Stochastic, nnx.Module):
       rngs: nnx.Rngs | nnx.RngStream | None = None,
       bits: int = 32,
   ):
-    _dropout.static_rate(rate)
     self.bits = _dropout.check_bits(bits)
     self.broadcast_dims = tuple(broadcast_dims)
     self._init_stochastic(rate, deterministic, rng_collection, rngs)
 
-  def __call__(
-      self,
-      inputs: jax.typing.ArrayLike,
-      *,
-      deterministic: bool | None = None,
-      rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
-  ) -> jax.Array:
-    """Applies dropout to ``inputs``.
-
-    Args:
-      inputs: the array to mask.
-      deterministic: overrides the module's flag for this call.
-      rngs: overrides the module's stream for this call: an Rngs, an
-        RngStream or a key.
-
-    Returns:
-      The masked, rescaled inputs (the inputs themselves when deterministic).
-    """
-    deterministic, key = self._flag_and_key(deterministic, rngs)
+  def _apply(self, key, inputs, deterministic):
     return _dropout.dropout(
         key,
         inputs,
@@ -218,20 +226,11 @@ class SpatialDropout(_Stochastic, nnx.Module):
       rng_collection: str = "dropout",
       rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
-    _dropout.static_rate(rate)
     self.channel_axis = channel_axis
     self.batch_axis = batch_axis
     self._init_stochastic(rate, deterministic, rng_collection, rngs)
 
-  def __call__(
-      self,
-      inputs: jax.typing.ArrayLike,
-      *,
-      deterministic: bool | None = None,
-      rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
-  ) -> jax.Array:
-    """Applies spatial dropout; ``rngs`` (an Rngs, RngStream or key) overrides."""
-    deterministic, key = self._flag_and_key(deterministic, rngs)
+  def _apply(self, key, inputs, deterministic):
     return _variants.spatial_dropout(
         key,
         inputs,
@@ -270,18 +269,9 @@ class AlphaDropout(_Stochastic, nnx.Module):
       rng_collection: str = "dropout",
       rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
-    _dropout.static_rate(rate)
     self._init_stochastic(rate, deterministic, rng_collection, rngs)
 
-  def __call__(
-      self,
-      inputs: jax.typing.ArrayLike,
-      *,
-      deterministic: bool | None = None,
-      rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
-  ) -> jax.Array:
-    """Applies alpha dropout; ``rngs`` (an Rngs, RngStream or key) overrides."""
-    deterministic, key = self._flag_and_key(deterministic, rngs)
+  def _apply(self, key, inputs, deterministic):
     return _variants.alpha_dropout(key, inputs, self.rate, deterministic)
 
 
@@ -312,18 +302,11 @@ class GaussianDropout(_Stochastic, nnx.Module):
       rng_collection: str = "dropout",
       rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
-    _variants.check_gaussian_rate(rate)
-    self._init_stochastic(rate, deterministic, rng_collection, rngs)
+    self._init_stochastic(
+        rate, deterministic, rng_collection, rngs, check_rate=_variants.check_gaussian_rate
+    )
 
-  def __call__(
-      self,
-      inputs: jax.typing.ArrayLike,
-      *,
-      deterministic: bool | None = None,
-      rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
-  ) -> jax.Array:
-    """Applies Gaussian dropout; ``rngs`` (an Rngs, RngStream or key) overrides."""
-    deterministic, key = self._flag_and_key(deterministic, rngs)
+  def _apply(self, key, inputs, deterministic):
     return _variants.gaussian_dropout(key, inputs, self.rate, deterministic)
 
 
@@ -360,19 +343,10 @@ class DropPath(_Stochastic, nnx.Module):
       rng_collection: str = "dropout",
       rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
-    _dropout.static_rate(rate)
     self.batch_axis = batch_axis
     self._init_stochastic(rate, deterministic, rng_collection, rngs)
 
-  def __call__(
-      self,
-      inputs: jax.typing.ArrayLike,
-      *,
-      deterministic: bool | None = None,
-      rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
-  ) -> jax.Array:
-    """Applies drop path; ``rngs`` (an Rngs, RngStream or key) overrides."""
-    deterministic, key = self._flag_and_key(deterministic, rngs)
+  def _apply(self, key, inputs, deterministic):
     return _variants.drop_path(
         key, inputs, self.rate, deterministic, batch_axis=self.batch_axis
     )
@@ -417,19 +391,10 @@ class DropConnectDense(_Stochastic, nnx.Linear):
       rngs: nnx.Rngs,
       **linear_kwargs: Any,
   ):
-    _dropout.static_rate(rate)
     super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
     self._init_stochastic(rate, deterministic, rng_collection, rngs)
 
-  def __call__(
-      self,
-      inputs: jax.typing.ArrayLike,
-      *,
-      deterministic: bool | None = None,
-      rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
-  ) -> jax.Array:
-    """Applies the layer with a freshly masked kernel (unmasked if deterministic)."""
-    deterministic, key = self._flag_and_key(deterministic, rngs)
+  def _apply(self, key, inputs, deterministic):
     kernel = _variants.dropconnect(key, self.kernel[...], self.rate, deterministic)
     bias = self.bias[...] if self.bias is not None else None
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
