@@ -218,6 +218,34 @@ def compute_dtype(dtype: Any) -> np.dtype:
   return dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
 
 
+def quantize_rate(rate: float, bits: int) -> tuple[int, float]:
+  """The integer threshold and exact keep probability of a static ``rate``.
+
+  The one host-side definition of how a rate becomes a mask decision: a
+  ``bits``-bit uniform value ``u`` is kept when ``u >= t`` with
+  ``t = min(round(rate * 2**bits), 2**bits - 1)`` for ``rate < 1``, so
+  ``p_keep = (2**bits - t) / 2**bits`` exactly. Rounding puts ``p_keep`` within
+  ``2**-(bits+1)`` of ``1 - rate``, and a rate that close to 1 keeps one value
+  in ``2**bits`` rather than rounding to "drop all". ``rate == 1`` gives
+  ``t = 2**bits`` and ``p_keep = 0``: nothing is kept.
+
+  Args:
+    rate: probability to drop, a Python or NumPy scalar in [0, 1].
+    bits: width of each decision's random value (32, 16 or 8).
+
+  Returns:
+    ``(t, p_keep)``; survivors are scaled by exactly ``1 / p_keep``.
+  """
+  fixed = static_rate(rate)
+  if fixed is None:
+    raise TypeError(f"rate must be a static number for quantize_rate, got {rate!r}")
+  levels = 2**bits
+  if fixed == 1.0:
+    return levels, 0.0
+  threshold = min(round(fixed * levels), levels - 1)
+  return threshold, (levels - threshold) / levels
+
+
 def resolve_rate(rate: Any, dtype: Any, bits: int = 32) -> _Threshold:
   """Threshold, scale and fill for a rate in [0, 1) (static) or any array.
 
@@ -228,15 +256,11 @@ def resolve_rate(rate: Any, dtype: Any, bits: int = 32) -> _Threshold:
   levels = 2**bits
   fixed = static_rate(rate)
   if fixed is not None:
-    # Exact integer arithmetic: rounding puts p_keep within 2**-(bits+1) of
-    # 1 - rate, and a rate that close to 1 keeps one value in 2**bits
-    # rather than rounding to "drop all", so the expectation stays exact:
-    # |p_keep - (1 - rate)| <= 2**-bits in all cases.
-    threshold = min(round(fixed * levels), levels - 1)
+    threshold, p_keep = quantize_rate(min(fixed, 1 - 2**-bits), bits)
     return _Threshold(
         threshold=jnp.asarray(threshold, jnp.uint32),
         keep_any=jnp.asarray(True),
-        scale=jnp.asarray(levels / (levels - threshold), dtype),
+        scale=jnp.asarray(1 / p_keep, dtype),
         fill=jnp.zeros((), dtype),
         valid=jnp.asarray(True),
     )
