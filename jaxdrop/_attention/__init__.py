@@ -1,0 +1,12 @@
+"""Attention with dropout on the attention weights, without the [B, N, T, S] mask.
+
+The modules stack one way, bottom to top:
+
+- ``mask``: the dropout mask, defined once for every implementation;
+- ``base``: the static configuration, input canonicalization and the
+  materialized ``"reference"`` implementation (the oracle of the tests);
+- ``xla``: the blockwise flash-attention algorithm in ``jax.numpy``;
+- ``api``: :func:`jaxdrop.dot_product_attention`, which validates its
+  arguments and picks an implementation;
+- ``flax_compat``: ``attention_fn`` drop-ins for flax's attention modules.
+"""

@@ -1,0 +1,249 @@
+"""``jaxdrop.dot_product_attention``: validates its arguments, then picks an implementation."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdrop import _dropout
+from jaxdrop._attention import base
+from jaxdrop._attention import mask as mask_lib
+from jaxdrop._attention import xla
+
+IMPLEMENTATIONS = ("reference", "xla")
+
+
+def _check_qkv(query, key, value) -> tuple[jax.Array, jax.Array, jax.Array]:
+  arrays = {
+      name: _dropout.check_input(x, name)
+      for name, x in (("query", query), ("key", key), ("value", value))
+  }
+  for name, x in arrays.items():
+    if x.ndim != 4:
+      layout = "[B, T, N, H]" if name == "query" else "[B, S, K, H]"
+      raise ValueError(f"{name} must have 4 dimensions {layout}, got {name}.shape={x.shape}")
+  q, k, v = arrays.values()
+  if not q.dtype == k.dtype == v.dtype:
+    raise TypeError(
+        f"query, key and value must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}"
+    )
+  if k.shape != v.shape:
+    raise ValueError(f"key and value must have the same shape, got {k.shape} and {v.shape}")
+  if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+    raise ValueError(
+        f"query [B, T, N, H] and key [B, S, K, H] must agree on B and H, got "
+        f"query.shape={q.shape} and key.shape={k.shape}"
+    )
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(
+        f"the key/value heads K must divide the query heads N, got N={q.shape[2]} "
+        f"and K={k.shape[2]}"
+    )
+  return q, k, v
+
+
+def _check_broadcastable(x, name: str, target: tuple[int, ...], boolean: bool) -> jax.Array | None:
+  """``x`` as 4 dimensions that broadcast to ``target`` = (B, N, T, S)."""
+  if x is None:
+    return None
+  try:
+    x = jnp.asarray(x)
+  except TypeError as error:
+    raise TypeError(f"{name} must be an array, got {type(x).__name__}") from error
+  if boolean and x.dtype != jnp.bool_:
+    raise TypeError(f"{name} must be a bool array (True = may attend), got {name}.dtype={x.dtype}")
+  if not boolean and not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must have a floating dtype, got {name}.dtype={x.dtype}")
+  if x.ndim > 4 or any(
+      size not in (1, full) for size, full in zip(x.shape[::-1], target[::-1])
+  ):
+    raise ValueError(
+        f"{name} must broadcast to [B, N, T, S] = {list(target)}, got {name}.shape={x.shape}"
+    )
+  return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def _check_scale(scale, head_dim: int) -> float:
+  if scale is None:
+    return 1 / math.sqrt(head_dim)
+  if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (numbers.Real, np.floating)):
+    raise TypeError(f"scale must be a Python float or None, got scale={scale!r}")
+  return float(scale)
+
+
+def _check_implementation(implementation) -> str | None:
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be None (the best available) or one of "
+        f"{', '.join(map(repr, IMPLEMENTATIONS))}, got implementation={implementation!r}"
+    )
+  return implementation
+
+
+def _key_data(dropout_key, rate) -> jax.Array:
+  if dropout_key is None:
+    raise ValueError(
+        f"dropout_key=None, but attention dropout is active (dropout_rate={rate!r}, "
+        "deterministic=False). Pass dropout_key=jax.random.key(seed), a fresh "
+        "key each step (e.g. jax.random.fold_in(key, step)), or "
+        "deterministic=True to switch dropout off."
+    )
+  try:
+    return mask_lib.threefry_key_data(dropout_key)
+  except (TypeError, ValueError) as error:
+    raise type(error)(f"dropout_key: {error}") from error
+
+
+@partial(jax.jit, static_argnames=("implementation", "config"))
+def _run(q, k, v, bias, mask, key_data, rate, *, implementation, config):
+  if implementation == "reference":
+    return base.reference(q, k, v, bias, mask, key_data, rate, config)
+  return xla.attention(q, k, v, bias, mask, key_data, rate, config)
+
+
+def _without_dropout(q, k, v, bias, mask, scale, is_causal) -> jax.Array:
+  """``jax.nn.dot_product_attention``, with rows that may attend nothing set to 0."""
+  out = jax.nn.dot_product_attention(
+      q, k, v, None if bias is None else bias.astype(q.dtype), mask,
+      scale=scale, is_causal=is_causal,
+  )
+  if mask is None:
+    return out  # Every row may attend s = 0 at least.
+  rows, cols = q.shape[1], k.shape[1]
+  any_allowed = jnp.any(
+      base.allowed_positions(jnp.arange(rows), jnp.arange(cols), cols, is_causal, mask), axis=-1
+  )  # [b, n, T]
+  return jnp.where(any_allowed.transpose(0, 2, 1)[..., None], out, 0)
+
+
+def attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    scale=None,
+    is_causal=False,
+    dropout_rate=0.0,
+    dropout_key=None,
+    deterministic=False,
+    implementation=None,
+    shared_mask: bool = False,
+    precision: Any = None,
+) -> jax.Array:
+  """:func:`dot_product_attention` with two more options, for the flax adapters.
+
+  Args:
+    shared_mask: one dropout mask for every batch element and head (flax's
+      ``broadcast_dropout=True``) instead of one per head.
+    precision: the ``jax.lax`` precision of the matrix products.
+  """
+  q, k, v = _check_qkv(query, key, value)
+  batch, rows, heads, head_dim = q.shape
+  cols = k.shape[1]
+  target = (batch, heads, rows, cols)
+  bias = _check_broadcastable(bias, "bias", target, boolean=False)
+  mask = _check_broadcastable(mask, "mask", target, boolean=True)
+  scale = _check_scale(scale, head_dim)
+  if not isinstance(is_causal, (bool, np.bool_)):
+    raise TypeError(f"is_causal must be a bool, got is_causal={is_causal!r}")
+  fixed = _dropout.static_rate(dropout_rate, "dropout_rate")
+  deterministic = _dropout.check_deterministic(deterministic)
+  implementation = _check_implementation(implementation)
+  if deterministic or fixed == 0.0:
+    if implementation is None and precision is None:
+      return _without_dropout(q, k, v, bias, mask, scale, bool(is_causal))
+    fixed, key_data, rate = 0.0, None, None
+  elif fixed == 1.0:
+    return jnp.zeros_like(q)  # Every weight dropped.
+  else:
+    key_data = _key_data(dropout_key, dropout_rate)
+    mask_lib.check_size(rows, cols)
+    rate = None if fixed is not None else dropout_rate
+  config = base.Config(
+      scale=scale,
+      is_causal=bool(is_causal),
+      dropout_heads=(1, 1) if shared_mask else (batch, heads),
+      fixed_rate=fixed,
+      precision=precision,
+  )
+  return _run(q, k, v, bias, mask, key_data, rate, implementation=implementation, config=config)
+
+
+def dot_product_attention(
+    query: jax.typing.ArrayLike,
+    key: jax.typing.ArrayLike,
+    value: jax.typing.ArrayLike,
+    bias: jax.typing.ArrayLike | None = None,
+    mask: jax.typing.ArrayLike | None = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    dropout_rate: float | jax.typing.ArrayLike = 0.0,
+    dropout_key: jax.typing.ArrayLike | None = None,
+    deterministic: bool = False,
+    implementation: str | None = None,
+) -> jax.Array:
+  """Scaled dot-product attention with dropout on the attention weights.
+
+  Computes ``P = softmax_s(scale * q . k + bias)`` over the allowed positions
+  and ``out = sum_s P * keep * c * v``: each weight is dropped with
+  probability ``dropout_rate`` -- **the probability to drop** -- and the kept
+  ones are scaled by ``c``, the exact inverse of the keep probability, so the
+  expected output is exactly the output without dropout. The mask ``keep`` is
+  :func:`jaxdrop.attention_keep_mask` ``(dropout_key, (B, N, T, S),
+  dropout_rate)``, the same for every implementation, block size and
+  sharding; it is never materialized by ``"xla"``. A query row with no
+  allowed position outputs 0 (with finite gradients).
+
+  Args:
+    query: ``[B, T, N, H]``.
+    key: ``[B, S, K, H]``, with ``K`` dividing ``N`` (grouped-query
+      attention; ``K = N`` is plain multi-head attention).
+    value: ``[B, S, K, H]``.
+    bias: a float array broadcastable to ``[B, N, T, S]``, added to the
+      scaled scores; it receives a gradient.
+    mask: a bool array broadcastable to ``[B, N, T, S]``; True = may attend.
+    scale: the score scale; ``1 / sqrt(H)`` by default.
+    is_causal: if True, query ``t`` attends only keys ``s <= t``.
+    dropout_rate: probability to drop each attention weight: a float in
+      [0, 1], fixed at trace time, or a scalar array that may be traced (no
+      recompilation across values; out of [0, 1] or NaN makes the output
+      NaN). No gradient flows to it.
+    dropout_key: a threefry PRNG key; needed while dropout is active.
+    deterministic: if True, no dropout (evaluation); no key is needed.
+    implementation: ``None`` (the best available), ``"xla"`` (blockwise: the
+      flash-attention algorithm in ``jax.numpy``, memory linear in ``T``) or
+      ``"reference"`` (materializes every ``[B, N, T, S]`` array; the
+      oracle). Without dropout, ``None`` calls
+      ``jax.nn.dot_product_attention``.
+
+  Returns:
+    ``[B, T, N, H]`` in the dtype of ``query``.
+
+  Raises:
+    ValueError: shapes that do not fit the layout; a static rate outside
+      [0, 1]; active dropout without a key; an unknown implementation.
+    TypeError: non-floating inputs or bias, a non-bool mask, a non-threefry
+      or malformed key.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxdrop
+    >>> q = k = v = jnp.ones((1, 16, 2, 8))
+    >>> out = jaxdrop.dot_product_attention(
+    ...     q, k, v, dropout_rate=0.1, dropout_key=jax.random.key(0))
+    >>> out.shape
+    (1, 16, 2, 8)
+  """
+  return attention(
+      query, key, value, bias, mask,
+      scale=scale, is_causal=is_causal, dropout_rate=dropout_rate,
+      dropout_key=dropout_key, deterministic=deterministic, implementation=implementation,
+  )

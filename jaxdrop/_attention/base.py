@@ -1,0 +1,102 @@
+"""What every attention implementation shares: its static configuration, the
+canonical form of ``bias`` and ``mask``, and the materialized reference.
+
+Layout, as ``jax.nn.dot_product_attention``: query ``[B, T, N, H]``, key and
+value ``[B, S, K, H]`` with ``K`` dividing ``N`` (query head ``n`` reads key
+head ``n // (N // K)``), ``bias`` and ``mask`` of four dimensions that
+broadcast to ``[B, N, T, S]``.
+
+Semantics: ``P = softmax_s(scale * q . k + bias)`` over the allowed positions
+(``mask`` and, with ``is_causal``, ``s <= t``); ``out = sum_s P * keep * c * v``
+with ``keep`` from :mod:`jaxdrop._attention.mask` and ``c`` the exact inverse
+of its keep probability. A query row with no allowed position outputs 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxdrop._attention import mask as mask_lib
+
+
+class Config(NamedTuple):
+  """The static part of one attention call (hashable)."""
+
+  scale: float
+  is_causal: bool
+  # Shape (Bm, Nm) of the heads that own a dropout mask: (B, N), or (1, 1)
+  # when one mask is shared by every batch element and head.
+  dropout_heads: tuple[int, int]
+  # The rate when it is a static number, None when it is an array argument.
+  fixed_rate: float | None
+  precision: Any = None
+
+  @property
+  def dropout(self) -> bool:
+    """Whether the call drops weights (a traced rate always may)."""
+    return self.fixed_rate != 0.0
+
+  def resolve(self, rate: jax.Array | None):
+    """Threshold and scale of the mask: the static rate, else the array ``rate``."""
+    return mask_lib.resolve_rate(rate if self.fixed_rate is None else self.fixed_rate)
+
+
+def allowed_positions(
+    rows: jax.Array, cols: jax.Array, num_cols: int, is_causal: bool, mask: jax.Array | None
+) -> jax.Array:
+  """bool[..., len(rows), len(cols)]: the positions a query may attend.
+
+  Args:
+    rows: int32[r] query positions ``t``.
+    cols: int32[c] key positions ``s``; those ``>= num_cols`` are padding.
+    num_cols: ``S``.
+    is_causal: restrict to ``s <= t``.
+    mask: a bool block broadcastable to ``[..., r, c]``, or None.
+  """
+  allowed = jnp.broadcast_to(cols[None, :] < num_cols, (rows.shape[0], cols.shape[0]))
+  if is_causal:
+    allowed = allowed & (cols[None, :] <= rows[:, None])
+  if mask is not None:
+    allowed = allowed & mask
+  return allowed
+
+
+def grouped(x: jax.Array, heads: int, kv_heads: int) -> jax.Array:
+  """``[b, n, ...]`` with ``n`` in {1, N} as ``[b, K, G, ...]`` (or ``[b, 1, 1, ...]``)."""
+  if x.shape[1] == 1:
+    return x[:, :, None]
+  return x.reshape(x.shape[0], kv_heads, heads // kv_heads, *x.shape[2:])
+
+
+def reference(q, k, v, bias, mask, key_data, rate, config: Config) -> jax.Array:
+  """The materialized attention: every ``[B, N, T, S]`` array exists at once.
+
+  The oracle of the tests; differentiated by JAX's own autodiff.
+  """
+  batch, rows, heads, _ = q.shape
+  cols, kv_heads = k.shape[1], k.shape[2]
+  f32 = jnp.float32
+  kr = jnp.repeat(k, heads // kv_heads, axis=2)
+  vr = jnp.repeat(v, heads // kv_heads, axis=2)
+  logits = jnp.einsum(
+      "btnh,bsnh->bnts", q.astype(f32), kr.astype(f32), precision=config.precision
+  ) * config.scale
+  if bias is not None:
+    logits = logits + bias.astype(f32)
+  allowed = allowed_positions(jnp.arange(rows), jnp.arange(cols), cols, config.is_causal, mask)
+  logits = jnp.where(allowed, logits, -jnp.inf)
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  weights = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0))
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  probs = weights / jnp.where(total > 0, total, 1)
+  if config.dropout:
+    resolved = config.resolve(rate)
+    heads_b, heads_n = config.dropout_heads
+    keep = mask_lib.full_mask(key_data, resolved, (heads_b, heads_n, rows, cols))
+    probs = jnp.where(keep, probs * resolved.scale, resolved.fill)
+  out = jnp.einsum("bnts,bsnh->btnh", probs, vr.astype(f32), precision=config.precision)
+  return out.astype(q.dtype)
+

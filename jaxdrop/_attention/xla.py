@@ -1,0 +1,353 @@
+"""Blockwise attention with dropout in ``jax.numpy``: the flash-attention algorithm.
+
+The forward pass visits blocks of queries; for each it runs an online softmax
+over blocks of keys, so only one ``[block_q, block_k]`` tile of scores per head
+exists at a time. Dropout masks each tile with :func:`mask.keep_block`,
+recomputed from the key. The backward pass (a ``custom_vjp``) keeps only the
+output and the per-row log-sum-exp: it visits blocks of keys, and for each the
+blocks of queries that can see them, recomputing scores, probabilities and the
+mask tile by tile (FlashAttention-2, Dao 2023). With ``is_causal``, blocks
+above the diagonal are skipped in both passes.
+
+Work happens in a grouped layout: query ``[B, K, G, T, H]`` against key and
+value ``[B, K, S, H]``, with ``G = N // K`` query heads per key head.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxdrop._attention import base
+from jaxdrop._attention import mask as mask_lib
+
+_F32 = jnp.float32
+
+
+class BlockSizes(NamedTuple):
+  """Tile sizes; any choice gives the same result (``k`` a multiple of 8)."""
+
+  q: int = 256
+  k: int = 512
+
+  @classmethod
+  def for_shape(cls, rows: int, cols: int) -> BlockSizes:
+    """The defaults, shrunk to the sequence lengths."""
+    default = cls()
+    return cls(q=min(default.q, rows), k=min(default.k, _round_up(cols, mask_lib.LANES)))
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+class _Layout(NamedTuple):
+  """Static sizes of one call."""
+
+  rows: int  # T
+  cols: int  # S
+  heads: int  # N
+  kv_heads: int  # K
+  blocks: BlockSizes
+
+  @property
+  def num_q_blocks(self) -> int:
+    return -(-self.rows // self.blocks.q)
+
+  @property
+  def num_k_blocks(self) -> int:
+    return -(-self.cols // self.blocks.k)
+
+  @property
+  def groups_per_row(self) -> int:
+    return -(-self.cols // mask_lib.LANES)
+
+
+# ----------------------------------------------------------------------------
+# Inputs in the grouped, padded layout.
+
+
+class _Operands(NamedTuple):
+  q: jax.Array  # [B, K, G, Tp, H]
+  k: jax.Array  # [B, K, Sp, H]
+  v: jax.Array  # [B, K, Sp, H]
+  bias: jax.Array | None  # [b, K|1, G|1, Tp|1, Sp|1]
+  mask: jax.Array | None  # same layout, bool
+  keys: jax.Array | None  # uint32[Bm, K|1, G|1, 2]
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+  if x.shape[axis] in (1, size):
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad)
+
+
+def _operands(layout: _Layout, config: base.Config, q, k, v, bias, mask, key_data) -> _Operands:
+  rows_p = layout.num_q_blocks * layout.blocks.q
+  cols_p = layout.num_k_blocks * layout.blocks.k
+  heads, kv_heads = layout.heads, layout.kv_heads
+  q = q.reshape(q.shape[0], layout.rows, kv_heads, heads // kv_heads, -1)
+  q = _pad_axis(q.transpose(0, 2, 3, 1, 4), 3, rows_p)
+  k = _pad_axis(k.transpose(0, 2, 1, 3), 2, cols_p)
+  v = _pad_axis(v.transpose(0, 2, 1, 3), 2, cols_p)
+
+  def blockable(x):
+    if x is None:
+      return None
+    x = base.grouped(x, heads, kv_heads)
+    return _pad_axis(_pad_axis(x, 3, rows_p), 4, cols_p)
+
+  keys = None
+  if config.dropout:
+    keys = base.grouped(mask_lib.head_keys(key_data, *config.dropout_heads), heads, kv_heads)
+  return _Operands(q, k, v, blockable(bias), blockable(mask), keys)
+
+
+def _slice_rows(x: jax.Array, axis: int, start, size: int) -> jax.Array:
+  """``x[..., start:start + size, ...]`` on ``axis``; a broadcast axis stays whole."""
+  if x.shape[axis] == 1:
+    return x
+  return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _block_logits(layout, config, ops: _Operands, q_block, t0, s0):
+  """f32[B, K, G, bq, bk] scores of one tile, -inf where not allowed."""
+  bq, bk = layout.blocks
+  k_block = jax.lax.dynamic_slice_in_dim(ops.k, s0, bk, 2)
+  logits = jnp.einsum(
+      "bkgqh,bkch->bkgqc", q_block, k_block,
+      preferred_element_type=_F32, precision=config.precision,
+  ) * config.scale
+  if ops.bias is not None:
+    logits = logits + _slice_rows(_slice_rows(ops.bias, 3, t0, bq), 4, s0, bk).astype(_F32)
+  mask = None
+  if ops.mask is not None:
+    mask = _slice_rows(_slice_rows(ops.mask, 3, t0, bq), 4, s0, bk)
+  allowed = base.allowed_positions(
+      t0 + jnp.arange(bq), s0 + jnp.arange(bk), layout.cols, config.is_causal, mask
+  )
+  return jnp.where(allowed, logits, -jnp.inf)
+
+
+def _block_keep(layout, ops: _Operands, resolved, t0, s0):
+  bq, bk = layout.blocks
+  return mask_lib.keep_block(
+      ops.keys, t0, bq, s0, bk, layout.groups_per_row, resolved.threshold, resolved.keep_any
+  )
+
+
+def _k_block_range(layout: _Layout, config: base.Config, q_index):
+  """Key blocks ``[0, stop)`` that a block of queries can see."""
+  if not config.is_causal:
+    return layout.num_k_blocks
+  last_row = (q_index + 1) * layout.blocks.q - 1
+  return jnp.minimum(layout.num_k_blocks, last_row // layout.blocks.k + 1)
+
+
+def _q_block_start(layout: _Layout, config: base.Config, k_index):
+  """The first query block that can see key block ``k_index``."""
+  if not config.is_causal:
+    return 0
+  return (k_index * layout.blocks.k) // layout.blocks.q
+
+
+# ----------------------------------------------------------------------------
+# Forward.
+
+
+def _forward(layout, config, q, k, v, bias, mask, key_data, rate):
+  """Returns ``out [B, T, N, H]`` and the row log-sum-exp ``f32[B, K, G, Tp]``."""
+  ops = _operands(layout, config, q, k, v, bias, mask, key_data)
+  resolved = config.resolve(rate) if config.dropout else None
+  bq, bk = layout.blocks
+  stats_shape = ops.q.shape[:3] + (bq,)
+
+  def q_block(q_index):
+    t0 = q_index * bq
+    q_tile = jax.lax.dynamic_slice_in_dim(ops.q, t0, bq, 3)
+
+    def k_step(k_index, carry):
+      top, total, acc = carry
+      s0 = k_index * bk
+      logits = _block_logits(layout, config, ops, q_tile, t0, s0)
+      new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
+      safe_top = jnp.where(jnp.isfinite(new_top), new_top, 0)
+      weights = jnp.exp(logits - safe_top[..., None])
+      rescale = jnp.exp(top - safe_top)
+      total = total * rescale + jnp.sum(weights, axis=-1)
+      if resolved is not None:
+        weights = jnp.where(_block_keep(layout, ops, resolved, t0, s0), weights, 0)
+      v_tile = jax.lax.dynamic_slice_in_dim(ops.v, s0, bk, 2)
+      acc = acc * rescale[..., None] + jnp.einsum(
+          "bkgqc,bkch->bkgqh", weights.astype(v.dtype), v_tile,
+          preferred_element_type=_F32, precision=config.precision,
+      )
+      return new_top, total, acc
+
+    init = (
+        jnp.full(stats_shape, -jnp.inf, _F32),
+        jnp.zeros(stats_shape, _F32),
+        jnp.zeros(stats_shape + (ops.q.shape[-1],), _F32),
+    )
+    top, total, acc = jax.lax.fori_loop(0, _k_block_range(layout, config, q_index), k_step, init)
+    has_any = total > 0
+    out = acc / jnp.where(has_any, total, 1)[..., None]
+    if resolved is not None:
+      out = out * resolved.scale
+    lse = jnp.where(has_any, top + jnp.log(jnp.where(has_any, total, 1)), jnp.inf)
+    return out.astype(q.dtype), lse
+
+  out, lse = jax.lax.map(q_block, jnp.arange(layout.num_q_blocks))
+  # [nq, B, K, G, bq, H] -> [B, T, N, H]
+  batch, kv_heads, groups = ops.q.shape[:3]
+  out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, -1, kv_heads * groups, out.shape[-1])
+  lse = lse.transpose(1, 2, 3, 0, 4).reshape(batch, kv_heads, groups, -1)
+  return out[:, : layout.rows], lse
+
+
+# ----------------------------------------------------------------------------
+# Backward.
+
+
+def _reduce_to(x: jax.Array, like: jax.Array) -> jax.Array:
+  """Sums ``x`` over the axes where ``like`` broadcasts (has size 1)."""
+  axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, like.shape)) if b == 1 and a != 1)
+  return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _add_block(buffer: jax.Array, update: jax.Array, t0, s0) -> jax.Array:
+  """``buffer[..., t0:, s0:] += update`` on the axes where ``buffer`` is not broadcast."""
+  starts = [0, 0, 0, t0 if buffer.shape[3] > 1 else 0, s0 if buffer.shape[4] > 1 else 0]
+  current = jax.lax.dynamic_slice(buffer, starts, update.shape)
+  return jax.lax.dynamic_update_slice(buffer, current + update, starts)
+
+
+def _backward(layout, config, residuals, d_out):
+  q, k, v, bias, mask, key_data, rate, out, lse = residuals
+  ops = _operands(layout, config, q, k, v, bias, mask, key_data)
+  resolved = config.resolve(rate) if config.dropout else None
+  bq, bk = layout.blocks
+  rows_p = layout.num_q_blocks * bq
+  batch, kv_heads, groups = ops.q.shape[:3]
+
+  def grouped_rows(x):  # [B, T, N, H] -> [B, K, G, Tp, H]
+    x = x.reshape(batch, layout.rows, kv_heads, groups, -1).transpose(0, 2, 3, 1, 4)
+    return _pad_axis(x, 3, rows_p)
+
+  d_out = grouped_rows(d_out)
+  # D_t = sum_s P * dP = dO_t . O_t, dropout included (O = (P * keep * c) V).
+  delta = jnp.sum(d_out.astype(_F32) * grouped_rows(out).astype(_F32), axis=-1)
+
+  def k_block(carry, k_index):
+    dq, d_bias = carry
+    s0 = k_index * bk
+    k_tile = jax.lax.dynamic_slice_in_dim(ops.k, s0, bk, 2)
+    v_tile = jax.lax.dynamic_slice_in_dim(ops.v, s0, bk, 2)
+
+    def q_step(q_index, inner):
+      dq, d_bias, dk, dv = inner
+      t0 = q_index * bq
+      q_tile = jax.lax.dynamic_slice_in_dim(ops.q, t0, bq, 3)
+      do_tile = jax.lax.dynamic_slice_in_dim(d_out, t0, bq, 3)
+      logits = _block_logits(layout, config, ops, q_tile, t0, s0)
+      probs = jnp.exp(logits - jax.lax.dynamic_slice_in_dim(lse, t0, bq, 3)[..., None])
+      d_probs = jnp.einsum(
+          "bkgqh,bkch->bkgqc", do_tile, v_tile,
+          preferred_element_type=_F32, precision=config.precision,
+      )
+      used = probs
+      if resolved is not None:
+        keep = _block_keep(layout, ops, resolved, t0, s0)
+        used = jnp.where(keep, probs * resolved.scale, 0)
+        d_probs = jnp.where(keep, d_probs * resolved.scale, 0)
+      dv = dv + jnp.einsum(
+          "bkgqc,bkgqh->bkch", used.astype(v.dtype), do_tile,
+          preferred_element_type=_F32, precision=config.precision,
+      )
+      d_logits = probs * (d_probs - jax.lax.dynamic_slice_in_dim(delta, t0, bq, 3)[..., None])
+      if d_bias is not None:
+        d_bias = _add_block(d_bias, _reduce_to(d_logits, d_bias), t0, s0)
+      d_scores = (d_logits * config.scale).astype(q.dtype)
+      dk = dk + jnp.einsum(
+          "bkgqc,bkgqh->bkch", d_scores, q_tile,
+          preferred_element_type=_F32, precision=config.precision,
+      )
+      dq_tile = jnp.einsum(
+          "bkgqc,bkch->bkgqh", d_scores, k_tile,
+          preferred_element_type=_F32, precision=config.precision,
+      )
+      dq = jax.lax.dynamic_update_slice_in_dim(
+          dq, jax.lax.dynamic_slice_in_dim(dq, t0, bq, 3) + dq_tile, t0, 3
+      )
+      return dq, d_bias, dk, dv
+
+    zeros = jnp.zeros((batch, kv_heads, bk, ops.k.shape[-1]), _F32)
+    dq, d_bias, dk, dv = jax.lax.fori_loop(
+        _q_block_start(layout, config, k_index), layout.num_q_blocks, q_step,
+        (dq, d_bias, zeros, zeros),
+    )
+    return (dq, d_bias), (dk, dv)
+
+  d_bias = None if ops.bias is None else jnp.zeros(ops.bias.shape, _F32)
+  (dq, d_bias), (dk, dv) = jax.lax.scan(
+      k_block, (jnp.zeros(ops.q.shape, _F32), d_bias), jnp.arange(layout.num_k_blocks)
+  )
+  dq = dq[:, :, :, : layout.rows].transpose(0, 3, 1, 2, 4).reshape(q.shape)
+
+  def ungroup_keys(x):  # [nk, B, K, bk, H] -> [B, S, K, H]
+    x = x.transpose(1, 0, 3, 2, 4).reshape(batch, -1, kv_heads, x.shape[-1])
+    return x[:, : layout.cols]
+
+  if d_bias is not None:
+    d_bias = d_bias[:, :, :, : bias.shape[2], : bias.shape[3]].reshape(bias.shape)
+    d_bias = d_bias.astype(bias.dtype)
+  return (
+      dq.astype(q.dtype),
+      ungroup_keys(dk).astype(k.dtype),
+      ungroup_keys(dv).astype(v.dtype),
+      d_bias,
+  )
+
+
+# ----------------------------------------------------------------------------
+# The differentiable function.
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attention(layout, config, q, k, v, bias, mask, key_data, rate):
+  return _forward(layout, config, q, k, v, bias, mask, key_data, rate)[0]
+
+
+def _attention_fwd(layout, config, q, k, v, bias, mask, key_data, rate):
+  out, lse = _forward(layout, config, q, k, v, bias, mask, key_data, rate)
+  return out, (q, k, v, bias, mask, key_data, rate, out, lse)
+
+
+def _attention_bwd(layout, config, residuals, d_out):
+  dq, dk, dv, d_bias = _backward(layout, config, residuals, d_out)
+  return dq, dk, dv, d_bias, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention(q, k, v, bias, mask, key_data, rate, config: base.Config, blocks: BlockSizes | None = None):
+  """Blockwise attention; arguments as :func:`base.reference` (already validated).
+
+  Args:
+    blocks: tile sizes (``blocks.k`` a multiple of 8); None picks defaults.
+  """
+  rows, heads = q.shape[1], q.shape[2]
+  cols, kv_heads = k.shape[1], k.shape[2]
+  if blocks is None:
+    blocks = BlockSizes.for_shape(rows, cols)
+  if blocks.k % mask_lib.LANES or blocks.q < 1 or blocks.k < 1:
+    raise ValueError(f"blocks.k must be a positive multiple of {mask_lib.LANES}, got {blocks}")
+  layout = _Layout(rows, cols, heads, kv_heads, BlockSizes(*blocks))
+  return _attention(layout, config, q, k, v, bias, mask, key_data, rate)
+
