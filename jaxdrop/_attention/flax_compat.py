@@ -1,0 +1,192 @@
+"""``attention_fn`` drop-ins for flax's attention modules.
+
+``flax.linen.MultiHeadDotProductAttention(..., attention_fn=jaxdrop.linen.dot_product_attention)``
+and ``flax.nnx.MultiHeadAttention(..., attention_fn=jaxdrop.nnx.dot_product_attention)``
+work unchanged: these functions take flax's signature (batch dimensions
+``[batch..., T, N, H]``, ``dropout_rng``, ``broadcast_dropout``, ``dtype``, ...),
+translate it, and call :func:`jaxdrop._attention.api.attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxdrop._attention import api
+
+_MATERIALIZES = (
+    "{what} needs the [..., N, T, S] attention weights, which jaxdrop never "
+    "materializes. Use flax's own dot_product_attention for that call "
+    "(attention_fn's default), or {fix}."
+)
+
+
+def _flat_batch(x: jax.Array | None, batch_shape: tuple[int, ...]) -> jax.Array | None:
+  """``[batch..., N, T, S]`` (or fewer leading dims) as ``[b, N, T, S]``, b in {1, prod(batch)}."""
+  if x is None:
+    return None
+  x = jnp.asarray(x)
+  full = len(batch_shape) + 3
+  if x.ndim < full:
+    x = x.reshape((1,) * (full - x.ndim) + x.shape)
+  leading = x.shape[: len(batch_shape)]
+  if all(size == 1 for size in leading):
+    return x.reshape((1,) + x.shape[len(batch_shape):])
+  x = jnp.broadcast_to(x, batch_shape + x.shape[len(batch_shape):])
+  return x.reshape((-1,) + x.shape[len(batch_shape):])
+
+
+def _flax_attention(
+    query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+    deterministic, precision, is_causal,
+) -> jax.Array:
+  query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+  if query.ndim < 3:
+    raise ValueError(f"query must be [batch..., T, N, H], got query.shape={query.shape}")
+  batch_shape = query.shape[:-3]
+  flat = (math.prod(batch_shape),)
+
+  def flatten(x):  # [batch..., L, heads, H] -> [b, L, heads, H]
+    return x.reshape(flat + x.shape[len(batch_shape):])
+
+  out = api.attention(
+      flatten(query), flatten(key), flatten(value),
+      _flat_batch(bias, batch_shape), _flat_batch(mask, batch_shape),
+      is_causal=is_causal,
+      dropout_rate=dropout_rate,
+      dropout_key=dropout_rng,
+      deterministic=deterministic,
+      shared_mask=broadcast_dropout,
+      precision=precision,
+  )
+  return out.reshape(batch_shape + out.shape[1:])
+
+
+def linen_dot_product_attention(
+    query: jax.typing.ArrayLike,
+    key: jax.typing.ArrayLike,
+    value: jax.typing.ArrayLike,
+    bias: jax.typing.ArrayLike | None = None,
+    mask: jax.typing.ArrayLike | None = None,
+    broadcast_dropout: bool = True,
+    dropout_rng: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = False,
+    dtype: Any = None,
+    precision: Any = None,
+    module: Any = None,
+    force_fp32_for_softmax: bool = False,
+    einsum_dot_general: Any = None,
+    qk_attn_weights_einsum: Any = None,
+    attn_weights_value_einsum: Any = None,
+) -> jax.Array:
+  """``flax.linen.dot_product_attention``'s signature on :func:`jaxdrop.dot_product_attention`.
+
+  Use it as ``attention_fn`` of ``nn.MultiHeadDotProductAttention``. Dropout
+  uses the mask of :func:`jaxdrop.attention_keep_mask`; pass
+  ``broadcast_dropout=False`` (recommended) for one mask per batch element
+  and head, or keep flax's default ``True`` for one ``[T, S]`` mask shared by
+  all of them. The softmax is always computed in float32, so
+  ``force_fp32_for_softmax`` changes nothing. A query row with no allowed
+  position outputs 0, where flax outputs the plain average of the values.
+
+  Args:
+    query: ``[batch..., T, N, H]``.
+    key: ``[batch..., S, K, H]`` (K dividing N).
+    value: ``[batch..., S, K, H]``.
+    bias: broadcastable to ``[batch..., N, T, S]``.
+    mask: bool, broadcastable to ``[batch..., N, T, S]``; True = may attend.
+    broadcast_dropout: share one dropout mask across batch and heads.
+    dropout_rng: the dropout key (flax's name).
+    dropout_rate: probability to drop each attention weight.
+    deterministic: if True, no dropout.
+    dtype: the computation dtype; query, key and value are promoted to it
+      as flax does.
+    precision: the ``jax.lax`` precision of the matrix products.
+    module: must be None: sowing the weights needs them materialized.
+    force_fp32_for_softmax: accepted; jaxdrop always does this.
+    einsum_dot_general: must be None (custom einsums are not supported).
+    qk_attn_weights_einsum: must be None.
+    attn_weights_value_einsum: must be None.
+
+  Returns:
+    ``[batch..., T, N, H]``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxdrop
+    >>> layer = nn.MultiHeadDotProductAttention(
+    ...     num_heads=2, qkv_features=8, dropout_rate=0.1, broadcast_dropout=False,
+    ...     attention_fn=jaxdrop.linen.dot_product_attention)
+    >>> x = jnp.ones((1, 4, 8))
+    >>> variables = layer.init(jax.random.key(0), x, deterministic=True)
+    >>> y = layer.apply(variables, x, deterministic=False,
+    ...                 rngs={"dropout": jax.random.key(1)})
+    >>> y.shape
+    (1, 4, 8)
+  """
+  del force_fp32_for_softmax  # The softmax is float32 in every implementation.
+  if module is not None:
+    raise ValueError(_MATERIALIZES.format(what="sow_weights=True", fix="sow_weights=False"))
+  for name, value_ in (
+      ("einsum_dot_general", einsum_dot_general),
+      ("qk_attn_weights_einsum", qk_attn_weights_einsum),
+      ("attn_weights_value_einsum", attn_weights_value_einsum),
+  ):
+    if value_ is not None:
+      raise ValueError(_MATERIALIZES.format(what=f"{name}={value_!r}", fix=f"{name}=None"))
+  import flax.linen as nn  # Deferred: flax loads only when this is used.
+
+  query, key, value = nn.dtypes.promote_dtype(query, key, value, dtype=dtype)
+  return _flax_attention(
+      query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+      deterministic, precision, is_causal=False,
+  )
+
+
+def nnx_dot_product_attention(
+    query: jax.typing.ArrayLike,
+    key: jax.typing.ArrayLike,
+    value: jax.typing.ArrayLike,
+    bias: jax.typing.ArrayLike | None = None,
+    mask: jax.typing.ArrayLike | None = None,
+    broadcast_dropout: bool = True,
+    dropout_rng: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = False,
+    dtype: Any = None,
+    precision: Any = None,
+    module: Any = None,
+    promote_dtype: Any = None,
+    is_causal: bool = False,
+) -> jax.Array:
+  """``flax.nnx.dot_product_attention``'s signature on :func:`jaxdrop.dot_product_attention`.
+
+  Use it as ``attention_fn`` of ``nnx.MultiHeadAttention``. Arguments and
+  differences as :func:`jaxdrop.linen.dot_product_attention`; ``promote_dtype``
+  (default: flax nnx's) casts query, key and value, and ``is_causal``
+  restricts query ``t`` to keys ``s <= t``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxdrop
+    >>> from flax import nnx
+    >>> layer = nnx.MultiHeadAttention(
+    ...     num_heads=2, in_features=8, dropout_rate=0.1, broadcast_dropout=False,
+    ...     decode=False, attention_fn=jaxdrop.nnx.dot_product_attention,
+    ...     rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((1, 4, 8))).shape
+    (1, 4, 8)
+  """
+  if module is not None:
+    raise ValueError(_MATERIALIZES.format(what="sow_weights=True", fix="sow_weights=False"))
+  if promote_dtype is None:
+    from flax.nnx.nn import dtypes  # Deferred: flax loads only when this is used.
+
+    promote_dtype = dtypes.promote_dtype
+  query, key, value = promote_dtype((query, key, value), dtype=dtype)
+  return _flax_attention(
+      query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+      deterministic, precision, is_causal=is_causal,
+  )
