@@ -1,0 +1,732 @@
+"""Fused attention with dropout for GPUs: Pallas kernels for the Triton backend.
+
+The same function as :mod:`jaxdrop._attention.xla` (FlashAttention-2, Dao
+2023), written as Pallas kernels so that scores, probabilities and the dropout
+mask of a tile never leave the chip.
+
+Kernels (grids in parentheses; ``i``/``j`` index query/key blocks):
+
+- forward ``(T/bq, B, N)``: one program owns ``bq`` queries of one head, keeps
+  the running max, sum and output in registers and walks the key blocks (an
+  online softmax). It writes the output and the row log-sum-exp (base 2): the
+  only residuals.
+- ``delta = sum_h dO * O`` per row, in XLA (one cheap pass).
+- dk/dv ``(S/bk, B, K)``: one program owns ``bk`` keys of one key/value head
+  and walks the ``N/K`` query heads that read it (grouped-query attention,
+  summed in registers, no atomics) and their query blocks, recomputing scores,
+  probabilities and mask.
+- dq ``(T/bq, B, N)``: like the forward, walking key blocks again.
+- dbias (only with a bias): one program per tile of the bias as given, summing
+  the score gradient over the batch elements, heads, rows or columns that the
+  bias broadcasts over.
+
+Every kernel recomputes its dropout mask tile from the head key of
+:func:`mask.head_keys`: counter ``c = t * ceil(S / 8) + s // 8`` hashes with
+Threefry-2x32 to 64 bits, which decide the eight weights ``s = 8 * (s // 8) +
+0..7`` (byte ``s % 8``, most significant first; :mod:`jaxdrop._attention.mask`
+defines it). So a ``bq x bk`` tile costs ``bq * bk / 8`` hashes, and the mask is
+never read or written. How the ``(bq, bk / 8)`` hash tile becomes a
+``(bq, bk)`` byte tile is a static choice (``layout``), all three giving the
+same bits:
+
+- ``"packed"``: hash ``(bq, bk / 8)``; broadcast each word to 8 lanes and
+  reshape, then pick a byte per lane by shifting.
+- ``"joined"``: hash ``(bq, bk / 8)``; split words into halves and bytes with
+  three two-way joins (``tt.join``, as Pallas unpacks int4) and reshape.
+- ``"per_element"``: hash every element with its own group's counter and pick
+  its byte: eight times the hashing, but only elementwise ops.
+
+With ``is_causal`` the loops skip blocks that lie wholly above the diagonal:
+the forward and dq kernels stop at the last key block a query block can see,
+and the dk/dv kernel starts at the first query block that can see its keys.
+
+``T`` and ``S`` are padded (in XLA) to multiples of the blocks; padded keys
+are masked out and padded query rows are sliced off. Scores are kept in base 2
+(``exp2``), so the saved log-sum-exp is ``log2``-based; only these kernels read
+it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxdrop import _threefry
+from jaxdrop._attention import base
+from jaxdrop._attention import mask as mask_lib
+
+_F32 = jnp.float32
+_U32 = jnp.uint32
+_LOG2E = math.log2(math.e)
+LAYOUTS = ("packed", "joined", "per_element")
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+_MIN_BLOCK = 16  # Triton's dot needs 16 rows and columns.
+
+
+class BlockSizes(NamedTuple):
+  """Tile sizes and launch options; each size a power of two >= 16.
+
+  Attributes:
+    q, k: queries per forward program and keys per step of its loop.
+    q_dkv, k_dkv: queries per step and keys per program of the dk/dv kernel.
+    q_dq, k_dq: queries per program and keys per step of the dq kernel.
+    num_warps: Triton warps per program; None picks 4 for ``H <= 64``, else 8.
+    num_stages: Triton software-pipelining stages of the loops.
+  """
+
+  q: int = 128
+  k: int = 64
+  q_dkv: int = 64
+  k_dkv: int = 64
+  q_dq: int = 64
+  k_dq: int = 64
+  num_warps: int | None = None
+  num_stages: int = 2
+
+  def shrunk(self, rows: int, cols: int) -> BlockSizes:
+    """The same blocks, shrunk to at most the (power-of-two) sequence lengths."""
+    r = max(_MIN_BLOCK, pl.next_power_of_2(rows))
+    c = max(_MIN_BLOCK, pl.next_power_of_2(cols))
+    return self._replace(
+        q=min(self.q, r), k=min(self.k, c), q_dkv=min(self.q_dkv, r),
+        k_dkv=min(self.k_dkv, c), q_dq=min(self.q_dq, r), k_dq=min(self.k_dq, c),
+    )
+
+  @property
+  def row_multiple(self) -> int:
+    return max(self.q, self.q_dkv, self.q_dq)
+
+  @property
+  def col_multiple(self) -> int:
+    return max(self.k, self.k_dkv, self.k_dq)
+
+
+def _check_blocks(blocks) -> BlockSizes:
+  if not isinstance(blocks, BlockSizes):
+    raise TypeError(f"blocks must be a pallas_triton.BlockSizes or None, got blocks={blocks!r}")
+  for name in ("q", "k", "q_dkv", "k_dkv", "q_dq", "k_dq"):
+    size = getattr(blocks, name)
+    if not isinstance(size, int) or size < _MIN_BLOCK or size & (size - 1):
+      raise ValueError(
+          f"blocks.{name} must be a power of two >= {_MIN_BLOCK}, got blocks.{name}={size!r}"
+      )
+  return blocks
+
+
+class _Dims(NamedTuple):
+  """Which of (B, N, T, S) a bias or mask has in full (the others are 1)."""
+
+  b: bool
+  n: bool
+  t: bool
+  s: bool
+
+
+class _Static(NamedTuple):
+  """Everything static about one call (hashable)."""
+
+  rows: int  # T
+  cols: int  # S
+  rows_p: int  # T padded to the query blocks
+  cols_p: int  # S padded to the key blocks
+  heads: int  # N
+  kv_heads: int  # K
+  head_dim: int  # H
+  blocks: BlockSizes
+  scale: float
+  causal: bool
+  dropout: bool
+  shared_keys: bool  # one mask for every batch element and head
+  bias: _Dims | None
+  mask: _Dims | None
+  layout: str
+  precision: object
+  interpret: bool
+
+  @property
+  def groups(self) -> int:  # query heads per key/value head
+    return self.heads // self.kv_heads
+
+  @property
+  def groups_per_row(self) -> int:  # hashes per mask row: ceil(S / 8)
+    return -(-self.cols // mask_lib.LANES)
+
+  def compiler_params(self):
+    warps = self.blocks.num_warps
+    if warps is None:
+      warps = 4 if self.head_dim <= 64 else 8
+    return plgpu.CompilerParams(num_warps=warps, num_stages=self.blocks.num_stages)
+
+
+# ----------------------------------------------------------------------------
+# Tile computations shared by the kernels (traced inside them).
+
+
+def _pick_byte(hi, lo, lane):
+  """Byte ``lane`` (0..7, most significant first) of the 64 bits ``hi:lo``."""
+  word = jnp.where(lane < 4, hi, lo)
+  return (word >> ((np.uint32(3) - (lane & np.uint32(3))) * np.uint32(8))) & np.uint32(0xFF)
+
+
+def _keep_tile(st: _Static, k0, k1, threshold, t0, s0, rows: int, cols: int):
+  """bool[rows, cols]: the dropout mask at queries ``t0 +`` and keys ``s0 +``.
+
+  ``s0`` is a multiple of 8, so a row of the tile is ``cols / 8`` whole hash
+  groups. See the module docstring for the layouts.
+  """
+  lanes = mask_lib.LANES
+  per_row = np.uint32(st.groups_per_row)
+  if st.layout == "per_element":
+    t = lax.broadcasted_iota(jnp.int32, (rows, cols), 0) + t0
+    s = lax.broadcasted_iota(jnp.int32, (rows, cols), 1) + s0
+    counter = t.astype(_U32) * per_row + (s >> 3).astype(_U32)
+    hi, lo = _threefry.threefry2x32(k0, k1, jnp.zeros_like(counter), counter)
+    byte = _pick_byte(hi, lo, s.astype(_U32) & np.uint32(7))
+  else:
+    groups = cols // lanes
+    t = lax.broadcasted_iota(jnp.int32, (rows, groups), 0) + t0
+    g = lax.broadcasted_iota(jnp.int32, (rows, groups), 1) + (s0 >> 3)
+    counter = t.astype(_U32) * per_row + g.astype(_U32)
+    hi, lo = _threefry.threefry2x32(k0, k1, jnp.zeros_like(counter), counter)
+    if st.layout == "packed":
+      hi = jnp.broadcast_to(hi[:, :, None], (rows, groups, lanes)).reshape(rows, cols)
+      lo = jnp.broadcast_to(lo[:, :, None], (rows, groups, lanes)).reshape(rows, cols)
+      lane = lax.broadcasted_iota(_U32, (rows, cols), 1) & np.uint32(7)
+      byte = _pick_byte(hi, lo, lane)
+    else:  # "joined": index g * 8 + 4 * word + 2 * half + byte_in_half.
+      words = jnp.stack([hi, lo], axis=-1)
+      halves = jnp.stack([words >> np.uint32(16), words], axis=-1)
+      quarters = jnp.stack([halves >> np.uint32(8), halves], axis=-1)
+      byte = (quarters & np.uint32(0xFF)).reshape(rows, cols)
+  return byte >= threshold
+
+
+def _load_broadcast(ref, dims: _Dims, head, t0, rows: int, s0, cols: int):
+  """A ``(rows|1, cols|1)`` tile of a bias or mask ref (``head`` indexes a head axis)."""
+  index = () if head is None else (head,)
+  index += (pl.ds(t0, rows) if dims.t else pl.ds(0, 1),)
+  index += (pl.ds(s0, cols) if dims.s else pl.ds(0, 1),)
+  return ref[index]
+
+
+def _dot(st: _Static, a, b, contract):
+  return lax.dot_general(
+      a, b, (contract, ((), ())), precision=st.precision, preferred_element_type=_F32
+  )
+
+
+def _scores(st: _Static, q, k, bias, mask, t0, s0, rows: int, cols: int):
+  """f32[rows, cols]: ``log2(e) * (scale * q.k + bias)``, -inf where not allowed."""
+  scores = _dot(st, q, k, ((1,), (1,))) * (st.scale * _LOG2E)
+  if bias is not None:
+    scores = scores + bias.astype(_F32) * _LOG2E
+  allowed = None
+
+  def both(a, b):
+    return b if a is None else a & b
+
+  if st.cols_p != st.cols:
+    allowed = lax.broadcasted_iota(jnp.int32, (1, cols), 1) + s0 < st.cols
+  if st.causal:
+    t = lax.broadcasted_iota(jnp.int32, (rows, cols), 0) + t0
+    s = lax.broadcasted_iota(jnp.int32, (rows, cols), 1) + s0
+    allowed = both(allowed, s <= t)
+  if mask is not None:
+    allowed = both(allowed, mask != 0)
+  if allowed is not None:
+    scores = jnp.where(allowed, scores, -jnp.inf)
+  return scores
+
+
+def _causal_stop(st: _Static, q_block, bq: int, bk: int, num_k_blocks: int):
+  """Key blocks ``[0, stop)`` that query block ``q_block`` can see."""
+  if not st.causal:
+    return num_k_blocks
+  return jnp.minimum(num_k_blocks, lax.div((q_block + 1) * bq + bk - 1, bk))
+
+
+# ----------------------------------------------------------------------------
+# Kernels. Refs arrive positionally; ``names`` says which is which.
+
+
+def _forward_kernel(*refs, st: _Static, names: tuple[str, ...]):
+  r = dict(zip(names, refs))
+  bq, bk = st.blocks.q, st.blocks.k
+  q_block = pl.program_id(0)
+  t0 = q_block * bq
+  q = r["q"][...]
+  if st.dropout:
+    k0, k1, threshold = r["keys"][0], r["keys"][1], r["threshold"][()]
+
+  def body(k_block, carry):
+    acc, top, total = carry
+    s0 = k_block * bk
+    bias = None if st.bias is None else _load_broadcast(r["bias"], st.bias, None, t0, bq, s0, bk)
+    mask = None if st.mask is None else _load_broadcast(r["mask"], st.mask, None, t0, bq, s0, bk)
+    scores = _scores(st, q, r["k"][pl.ds(s0, bk), :], bias, mask, t0, s0, bq, bk)
+    new_top = jnp.maximum(top, jnp.max(scores, axis=1))
+    safe_top = jnp.where(new_top == -jnp.inf, 0.0, new_top)
+    weights = jnp.exp2(scores - safe_top[:, None])
+    rescale = jnp.exp2(top - safe_top)
+    total = total * rescale + jnp.sum(weights, axis=1)
+    if st.dropout:
+      weights = jnp.where(_keep_tile(st, k0, k1, threshold, t0, s0, bq, bk), weights, 0.0)
+    v = r["v"][pl.ds(s0, bk), :]
+    acc = acc * rescale[:, None] + _dot(st, weights.astype(v.dtype), v, ((1,), (0,)))
+    return acc, new_top, total
+
+  init = (
+      jnp.zeros((bq, st.head_dim), _F32),
+      jnp.full((bq,), -jnp.inf, _F32),
+      jnp.zeros((bq,), _F32),
+  )
+  stop = _causal_stop(st, q_block, bq, bk, st.cols_p // bk)
+  acc, top, total = lax.fori_loop(0, stop, body, init)
+  has_any = total > 0
+  safe_total = jnp.where(has_any, total, 1.0)
+  out = acc / safe_total[:, None]
+  if st.dropout:
+    out = out * r["dscale"][()]
+  r["out"][...] = out.astype(r["out"].dtype)
+  r["lse"][...] = jnp.where(has_any, top + jnp.log2(safe_total), jnp.inf)
+
+
+def _dq_kernel(*refs, st: _Static, names: tuple[str, ...]):
+  r = dict(zip(names, refs))
+  bq, bk = st.blocks.q_dq, st.blocks.k_dq
+  q_block = pl.program_id(0)
+  t0 = q_block * bq
+  q, d_out = r["q"][...], r["do"][...]
+  lse, delta = r["lse"][...], r["delta"][...]
+  if st.dropout:
+    k0, k1, threshold = r["keys"][0], r["keys"][1], r["threshold"][()]
+    dscale = r["dscale"][()]
+
+  def body(k_block, dq):
+    s0 = k_block * bk
+    bias = None if st.bias is None else _load_broadcast(r["bias"], st.bias, None, t0, bq, s0, bk)
+    mask = None if st.mask is None else _load_broadcast(r["mask"], st.mask, None, t0, bq, s0, bk)
+    k = r["k"][pl.ds(s0, bk), :]
+    probs = jnp.exp2(_scores(st, q, k, bias, mask, t0, s0, bq, bk) - lse[:, None])
+    d_probs = _dot(st, d_out, r["v"][pl.ds(s0, bk), :], ((1,), (1,)))
+    if st.dropout:
+      keep = _keep_tile(st, k0, k1, threshold, t0, s0, bq, bk)
+      d_probs = jnp.where(keep, d_probs * dscale, 0.0)
+    d_scores = probs * (d_probs - delta[:, None])
+    return dq + _dot(st, d_scores.astype(k.dtype), k, ((1,), (0,)))
+
+  stop = _causal_stop(st, q_block, bq, bk, st.cols_p // bk)
+  dq = lax.fori_loop(0, stop, body, jnp.zeros((bq, st.head_dim), _F32))
+  r["dq"][...] = (dq * st.scale).astype(r["dq"].dtype)
+
+
+def _dkdv_kernel(*refs, st: _Static, names: tuple[str, ...]):
+  r = dict(zip(names, refs))
+  bq, bk = st.blocks.q_dkv, st.blocks.k_dkv
+  s0 = pl.program_id(0) * bk
+  k, v = r["k"][...], r["v"][...]
+  if st.dropout:
+    threshold = r["threshold"][()]
+  # The first query block that sees this key block (rows t >= s0).
+  start = lax.div(s0, bq) if st.causal else 0
+
+  def group(g, carry):
+    if st.dropout:
+      keys = r["keys"]
+      k0, k1 = (keys[0], keys[1]) if st.shared_keys else (keys[g, 0], keys[g, 1])
+    head = g  # index on the head axis of per-head refs
+
+    def step(q_block, carry):
+      dk, dv = carry
+      t0 = q_block * bq
+      rows = pl.ds(t0, bq)
+      q = r["q"][rows, head, :]
+      d_out = r["do"][rows, head, :]
+      lse, delta = r["lse"][head, rows], r["delta"][head, rows]
+      bias = mask = None
+      if st.bias is not None:
+        bias = _load_broadcast(r["bias"], st.bias, head if st.bias.n else None, t0, bq, s0, bk)
+      if st.mask is not None:
+        mask = _load_broadcast(r["mask"], st.mask, head if st.mask.n else None, t0, bq, s0, bk)
+      probs = jnp.exp2(_scores(st, q, k, bias, mask, t0, s0, bq, bk) - lse[:, None])
+      d_probs = _dot(st, d_out, v, ((1,), (1,)))
+      used = probs
+      if st.dropout:
+        keep = _keep_tile(st, k0, k1, threshold, t0, s0, bq, bk)
+        used = jnp.where(keep, probs, 0.0)  # times dscale, applied to dv at the end
+        d_probs = jnp.where(keep, d_probs * r["dscale"][()], 0.0)
+      dv = dv + _dot(st, used.astype(d_out.dtype), d_out, ((0,), (0,)))
+      d_scores = probs * (d_probs - delta[:, None])
+      dk = dk + _dot(st, d_scores.astype(q.dtype), q, ((0,), (0,)))
+      return dk, dv
+
+    return lax.fori_loop(start, st.rows_p // bq, step, carry)
+
+  zeros = jnp.zeros((bk, st.head_dim), _F32)
+  dk, dv = lax.fori_loop(0, st.groups, group, (zeros, zeros))
+  if st.dropout:
+    dv = dv * r["dscale"][()]
+  r["dk"][...] = (dk * st.scale).astype(r["dk"].dtype)
+  r["dv"][...] = dv.astype(r["dv"].dtype)
+
+
+def _dbias_kernel(*refs, st: _Static, names: tuple[str, ...], bq: int, bk: int):
+  """One tile of d(bias): the score gradient summed over what the bias broadcasts."""
+  r = dict(zip(names, refs))
+  dims = st.bias
+  pid_t, pid_s, pid_b, pid_n = (pl.program_id(a) for a in range(4))
+  batch = r["q"].shape[0]
+  # The loop runs over every (b, n, t block, s block) that adds into this tile.
+  extents = (
+      1 if dims.b else batch,
+      1 if dims.n else st.heads,
+      1 if dims.t else st.rows_p // bq,
+      1 if dims.s else st.cols_p // bk,
+  )
+  if st.dropout:
+    threshold, dscale = r["threshold"][()], r["dscale"][()]
+
+  def body(index, acc):
+    parts = []
+    for extent in reversed(extents):
+      parts.append(lax.rem(index, extent))
+      index = lax.div(index, extent)
+    lb, ln, lt, ls = reversed(parts)
+    b = pid_b if dims.b else lb
+    n = pid_n if dims.n else ln
+    t0 = (pid_t if dims.t else lt) * bq
+    s0 = (pid_s if dims.s else ls) * bk
+    rows, cols = pl.ds(t0, bq), pl.ds(s0, bk)
+    kv = lax.div(n, st.groups)
+    q, d_out = r["q"][b, rows, n, :], r["do"][b, rows, n, :]
+    k, v = r["k"][b, cols, kv, :], r["v"][b, cols, kv, :]
+    lse, delta = r["lse"][b, n, rows], r["delta"][b, n, rows]
+    bias = r["bias"][...]  # this program's (bq|1, bk|1) tile
+    mask = None
+    if st.mask is not None:
+      md = st.mask
+      mask = r["mask"][
+          b if md.b else 0, n if md.n else 0,
+          rows if md.t else pl.ds(0, 1), cols if md.s else pl.ds(0, 1),
+      ]
+    probs = jnp.exp2(_scores(st, q, k, bias, mask, t0, s0, bq, bk) - lse[:, None])
+    d_probs = _dot(st, d_out, v, ((1,), (1,)))
+    if st.dropout:
+      keys = r["keys"]
+      key_b = 0 if st.shared_keys else b
+      key_n = 0 if st.shared_keys else n
+      keep = _keep_tile(st, keys[key_b, key_n, 0], keys[key_b, key_n, 1], threshold, t0, s0, bq, bk)
+      d_probs = jnp.where(keep, d_probs * dscale, 0.0)
+    d_scores = probs * (d_probs - delta[:, None])
+    if not dims.t:
+      d_scores = jnp.sum(d_scores, axis=0, keepdims=True)
+    if not dims.s:
+      d_scores = jnp.sum(d_scores, axis=1, keepdims=True)
+    return acc + d_scores
+
+  shape = (bq if dims.t else 1, bk if dims.s else 1)
+  acc = lax.fori_loop(0, math.prod(extents), body, jnp.zeros(shape, _F32))
+  r["dbias"][...] = acc
+
+
+# ----------------------------------------------------------------------------
+# pallas_call wrappers. Inputs are padded: q [B, Tp, N, H], k/v [B, Sp, K, H],
+# bias/mask [b, n, Tp|1, Sp|1] (mask as int8), keys uint32[Bm, Nm, 2].
+
+
+def _scalar_spec():
+  return pl.BlockSpec((), lambda *_: ())
+
+
+def _common_inputs(st: _Static, bias, mask, keys, threshold, dscale, per_head_spec, keys_spec):
+  """(name, array, spec) of the optional inputs."""
+  inputs = []
+  if st.bias is not None:
+    inputs.append(("bias", bias, per_head_spec(st.bias)))
+  if st.mask is not None:
+    inputs.append(("mask", mask, per_head_spec(st.mask)))
+  if st.dropout:
+    inputs += [
+        ("keys", keys, keys_spec),
+        ("threshold", threshold, _scalar_spec()),
+        ("dscale", dscale, _scalar_spec()),
+    ]
+  return inputs
+
+
+def _call(kernel, st: _Static, inputs, outputs, grid, name: str, **kernel_args):
+  in_names, in_arrays, in_specs = zip(*inputs)
+  out_names, out_shapes, out_specs = zip(*outputs)
+  results = pl.pallas_call(
+      functools.partial(kernel, st=st, names=in_names + out_names, **kernel_args),
+      grid=grid,
+      in_specs=list(in_specs),
+      out_specs=list(out_specs),
+      out_shape=list(out_shapes),
+      compiler_params=st.compiler_params(),
+      interpret=st.interpret,
+      name=name,
+  )(*in_arrays)
+  return results
+
+
+def _row_program_specs(st: _Static, bq: int):
+  """Specs for grids ``(q block i, b, n)``: one query block of one head."""
+  groups, h = st.groups, st.head_dim
+
+  def per_head(dims: _Dims):
+    block = (None, None, st.rows_p if dims.t else 1, st.cols_p if dims.s else 1)
+    return pl.BlockSpec(block, lambda i, b, n: (b if dims.b else 0, n if dims.n else 0, 0, 0))
+
+  if st.shared_keys:
+    keys = pl.BlockSpec((None, None, 2), lambda i, b, n: (0, 0, 0))
+  else:
+    keys = pl.BlockSpec((None, None, 2), lambda i, b, n: (b, n, 0))
+  rows = pl.BlockSpec((None, bq, None, h), lambda i, b, n: (b, i, n, 0))
+  whole_kv = pl.BlockSpec((None, st.cols_p, None, h), lambda i, b, n: (b, 0, lax.div(n, groups), 0))
+  stats = pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i))
+  return per_head, keys, rows, whole_kv, stats
+
+
+def _forward(st: _Static, q, k, v, bias, mask, keys, threshold, dscale):
+  """out [B, Tp, N, H] and lse f32[B, N, Tp] (base 2)."""
+  batch = q.shape[0]
+  bq = st.blocks.q
+  per_head, keys_spec, rows, whole_kv, stats = _row_program_specs(st, bq)
+  inputs = [("q", q, rows), ("k", k, whole_kv), ("v", v, whole_kv)]
+  inputs += _common_inputs(st, bias, mask, keys, threshold, dscale, per_head, keys_spec)
+  outputs = [
+      ("out", jax.ShapeDtypeStruct(q.shape, q.dtype), rows),
+      ("lse", jax.ShapeDtypeStruct((batch, st.heads, st.rows_p), _F32), stats),
+  ]
+  grid = (st.rows_p // bq, batch, st.heads)
+  return _call(_forward_kernel, st, inputs, outputs, grid, "jaxdrop_attention_fwd")
+
+
+def _backward(st: _Static, residuals, d_out):
+  q, k, v, bias, mask, keys, threshold, dscale, out, lse = residuals
+  batch, h, groups = q.shape[0], st.head_dim, st.groups
+  # D_t = dO_t . O_t, dropout included: O = (P * keep * c) V.
+  delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(_F32), out.astype(_F32))
+
+  # dq: grid (q block, b, n).
+  bq = st.blocks.q_dq
+  per_head, keys_spec, rows, whole_kv, stats = _row_program_specs(st, bq)
+  inputs = [
+      ("q", q, rows), ("k", k, whole_kv), ("v", v, whole_kv), ("do", d_out, rows),
+      ("lse", lse, stats), ("delta", delta, stats),
+  ]
+  inputs += _common_inputs(st, bias, mask, keys, threshold, dscale, per_head, keys_spec)
+  (dq,) = _call(
+      _dq_kernel, st, inputs, [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), rows)],
+      (st.rows_p // bq, batch, st.heads), "jaxdrop_attention_dq",
+  )
+
+  # dk, dv: grid (k block, b, kv head); each program sees its `groups` query heads.
+  bk = st.blocks.k_dkv
+
+  def group_per_head(dims: _Dims):
+    block = (None, groups if dims.n else None, st.rows_p if dims.t else 1, st.cols_p if dims.s else 1)
+    return pl.BlockSpec(block, lambda j, b, kh: (b if dims.b else 0, kh if dims.n else 0, 0, 0))
+
+  if st.shared_keys:
+    group_keys = pl.BlockSpec((None, None, 2), lambda j, b, kh: (0, 0, 0))
+  else:
+    group_keys = pl.BlockSpec((None, groups, 2), lambda j, b, kh: (b, kh, 0))
+  kv_rows = pl.BlockSpec((None, bk, None, h), lambda j, b, kh: (b, j, kh, 0))
+  group_q = pl.BlockSpec((None, st.rows_p, groups, h), lambda j, b, kh: (b, 0, kh, 0))
+  group_stats = pl.BlockSpec((None, groups, st.rows_p), lambda j, b, kh: (b, kh, 0))
+  inputs = [
+      ("k", k, kv_rows), ("v", v, kv_rows), ("q", q, group_q), ("do", d_out, group_q),
+      ("lse", lse, group_stats), ("delta", delta, group_stats),
+  ]
+  inputs += _common_inputs(st, bias, mask, keys, threshold, dscale, group_per_head, group_keys)
+  dk, dv = _call(
+      _dkdv_kernel, st, inputs,
+      [
+          ("dk", jax.ShapeDtypeStruct(k.shape, k.dtype), kv_rows),
+          ("dv", jax.ShapeDtypeStruct(v.shape, v.dtype), kv_rows),
+      ],
+      (st.cols_p // bk, batch, st.kv_heads), "jaxdrop_attention_dkdv",
+  )
+
+  d_bias = None
+  if st.bias is not None:
+    d_bias = _bias_gradient(st, q, k, v, bias, mask, keys, threshold, dscale, d_out, lse, delta)
+  return dq, dk, dv, d_bias
+
+
+def _bias_gradient(st: _Static, q, k, v, bias, mask, keys, threshold, dscale, d_out, lse, delta):
+  dims = st.bias
+  bq, bk = st.blocks.q_dkv, st.blocks.k_dkv
+  tile = (bq if dims.t else 1, bk if dims.s else 1)
+
+  def whole(x):
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+  bias_spec = pl.BlockSpec((None, None) + tile, lambda i, j, b, n: (b, n, i, j))
+  inputs = [
+      ("q", q, whole(q)), ("k", k, whole(k)), ("v", v, whole(v)), ("do", d_out, whole(d_out)),
+      ("lse", lse, whole(lse)), ("delta", delta, whole(delta)), ("bias", bias, bias_spec),
+  ]
+  if st.mask is not None:
+    inputs.append(("mask", mask, whole(mask)))
+  if st.dropout:
+    inputs += [
+        ("keys", keys, whole(keys)),
+        ("threshold", threshold, _scalar_spec()),
+        ("dscale", dscale, _scalar_spec()),
+    ]
+  grid = (
+      st.rows_p // bq if dims.t else 1, st.cols_p // bk if dims.s else 1,
+      bias.shape[0], bias.shape[1],
+  )
+  (d_bias,) = _call(
+      _dbias_kernel, st, inputs,
+      [("dbias", jax.ShapeDtypeStruct(bias.shape, _F32), bias_spec)],
+      grid, "jaxdrop_attention_dbias", bq=bq, bk=bk,
+  )
+  return d_bias
+
+
+# ----------------------------------------------------------------------------
+# The differentiable function (on padded operands).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(st, q, k, v, bias, mask, keys, threshold, dscale):
+  return _forward(st, q, k, v, bias, mask, keys, threshold, dscale)[0]
+
+
+def _attention_fwd(st, q, k, v, bias, mask, keys, threshold, dscale):
+  out, lse = _forward(st, q, k, v, bias, mask, keys, threshold, dscale)
+  return out, (q, k, v, bias, mask, keys, threshold, dscale, out, lse)
+
+
+def _attention_bwd(st, residuals, d_out):
+  dq, dk, dv, d_bias = _backward(st, residuals, d_out)
+  if d_bias is not None:
+    d_bias = d_bias.astype(residuals[3].dtype)
+  return dq, dk, dv, d_bias, None, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+  if x.shape[axis] in (1, size):
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad)
+
+
+def _dims(x: jax.Array | None) -> _Dims | None:
+  return None if x is None else _Dims(*(size > 1 for size in x.shape))
+
+
+def unsupported_reason(q, k, v, bias, mask, config: base.Config, platform: str | None = None) -> str | None:
+  """Why the kernels cannot run this call, or None when they can.
+
+  Args:
+    q, k, v, bias, mask, config: as :func:`attention` (arrays or shape-dtype
+      structs); ``bias`` and ``mask`` already 4-D.
+    platform: the backend to run on; None means ``jax.default_backend()``.
+      The kernels compile for ``"gpu"`` only (the interpreter runs anywhere).
+
+  Returns:
+    None, or a message naming the unsupported argument and its value.
+  """
+  del v, config  # Every mask, causal flag, rate and mask sharing is supported.
+  platform = jax.default_backend() if platform is None else platform
+  if platform not in ("gpu", "cuda", "rocm"):
+    return f"implementation='pallas' runs on GPUs (Triton), got platform={platform!r}"
+  dtype = jnp.dtype(q.dtype)
+  if dtype not in DTYPES:
+    return (
+        f"implementation='pallas' supports bfloat16, float16 and float32 inputs, got "
+        f"query.dtype={dtype}"
+    )
+  head_dim = q.shape[-1]
+  if head_dim < _MIN_BLOCK or head_dim > 256 or head_dim & (head_dim - 1):
+    return (
+        f"implementation='pallas' needs a head dimension H that is a power of two in "
+        f"[16, 256], got H={head_dim} (query.shape={tuple(q.shape)})"
+    )
+  if q.shape[1] == 0 or k.shape[1] == 0:
+    return f"implementation='pallas' needs T, S >= 1, got T={q.shape[1]}, S={k.shape[1]}"
+  if bias is not None and jnp.dtype(bias.dtype) not in DTYPES:
+    return f"implementation='pallas' supports bias dtypes {DTYPES}, got bias.dtype={bias.dtype}"
+  del mask
+  return None
+
+
+def attention(
+    q, k, v, bias, mask, key_data, rate, config: base.Config,
+    blocks: BlockSizes | None = None, interpret: bool = False, layout: str = "packed",
+):
+  """Fused attention with dropout; arguments as :func:`xla.attention` (already validated).
+
+  Args:
+    q: ``[B, T, N, H]``.
+    k, v: ``[B, S, K, H]`` with ``K`` dividing ``N``.
+    bias: float, 4-D, broadcastable to ``[B, N, T, S]``, or None.
+    mask: bool, 4-D, broadcastable to ``[B, N, T, S]``, or None.
+    key_data: uint32[2] threefry key data (None without dropout).
+    rate: the traced rate (None when ``config.fixed_rate`` is set).
+    config: the static :class:`base.Config`.
+    blocks: tile sizes; None uses the :class:`BlockSizes` defaults, shrunk to
+      the sequence lengths.
+    interpret: run the kernels in the Pallas interpreter (any backend; slow).
+    layout: how the hash tile becomes bytes: ``"packed"``, ``"joined"`` or
+      ``"per_element"`` (identical bits; see the module docstring).
+
+  Returns:
+    ``[B, T, N, H]`` in the dtype of ``q``.
+
+  Raises:
+    ValueError: bad ``blocks`` or ``layout``, or a case the kernels do not
+      support (see :func:`unsupported_reason`; the interpreter skips the
+      platform check).
+  """
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got layout={layout!r}")
+  reason = unsupported_reason(q, k, v, bias, mask, config, platform="gpu" if interpret else None)
+  if reason is not None:
+    raise ValueError(reason)
+  batch, rows, heads, head_dim = q.shape
+  cols, kv_heads = k.shape[1], k.shape[2]
+  blocks = _check_blocks(BlockSizes() if blocks is None else blocks).shrunk(rows, cols)
+  rows_p = -(-rows // blocks.row_multiple) * blocks.row_multiple
+  cols_p = -(-cols // blocks.col_multiple) * blocks.col_multiple
+  st = _Static(
+      rows=rows, cols=cols, rows_p=rows_p, cols_p=cols_p, heads=heads, kv_heads=kv_heads,
+      head_dim=head_dim, blocks=blocks, scale=float(config.scale), causal=config.is_causal,
+      dropout=config.dropout, shared_keys=tuple(config.dropout_heads) == (1, 1),
+      bias=_dims(bias), mask=_dims(mask), layout=layout, precision=config.precision,
+      interpret=bool(interpret),
+  )
+  q = _pad_to(q, 1, rows_p)
+  k = _pad_to(k, 1, cols_p)
+  v = _pad_to(v, 1, cols_p)
+  if bias is not None:
+    bias = _pad_to(_pad_to(bias, 2, rows_p), 3, cols_p)
+  if mask is not None:
+    mask = _pad_to(_pad_to(mask.astype(jnp.int8), 2, rows_p), 3, cols_p)
+  keys = threshold = dscale = None
+  if st.dropout:
+    resolved = config.resolve(rate)
+    keys = mask_lib.head_keys(key_data, *config.dropout_heads)
+    # A rate of 1 keeps nothing: no byte reaches 256.
+    threshold = jnp.where(resolved.keep_any, resolved.threshold, np.uint32(256)).astype(_U32)
+    dscale = resolved.scale.astype(_F32)
+  out = _attention(st, q, k, v, bias, mask, keys, threshold, dscale)
+  return out[:, :rows]
