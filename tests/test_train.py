@@ -1,11 +1,20 @@
-"""Tests of train.py on a small slice of MNIST-1D: files and schema,
-determinism, kill-and-resume, NaN handling and 8 simulated devices."""
+"""Tests of train.py on a small slice of MNIST-1D: files and schema, determinism,
+flag errors, kill / Ctrl-C and --resume (with damaged checkpoints), NaN
+handling and 8 simulated devices.
+
+One uninterrupted run (`small_run`) and one run stopped by Ctrl-C
+(`interrupted_run`) are made once per module; the other tests compare with
+them or copy them, so most tests only train a few steps or none.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,47 +29,88 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
+from train_lib import checkpoints, cli, data, workdir  # noqa: E402
 
-# A few steps on a slice: two runs (rate 0 and 0.5), evaluations and
-# checkpoints every 20 steps, MC dropout with 4 passes.
+# Two runs (rate 0 and 0.5) of 40 steps on a slice, a tiny CNN, evaluations
+# every 10 steps, checkpoints every 20, MC dropout with 4 passes.
 SMALL = [
-    "--steps", "60", "--batch-size", "32", "--train-size", "256",
-    "--test-size", "128", "--eval-every", "20", "--checkpoint-every", "20",
-    "--mc-samples", "4", "--no-progress",
+    "--steps", "40", "--batch-size", "32", "--train-size", "256", "--test-size", "128",
+    "--width", "8", "--eval-every", "10", "--checkpoint-every", "20", "--mc-samples", "4",
+    "--no-progress",
 ]
+STOP_AT = 35  # interrupted_run stops here, in its rate-0.5 run.
+RUN = "rate0.5-seed0"
 
 
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+def read_metrics(directory):
+  with open(os.path.join(directory, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
 
 
-def read_results(workdir):
-  with open(os.path.join(workdir, "results.json")) as f:
-    return json.load(f)
+def strict_load(path):
+  """json.load that refuses NaN and Infinity, as a strict JSON parser would."""
+  def refuse(constant):
+    raise ValueError(f"{path}: {constant} is not JSON")
+  with open(path) as f:
+    return json.load(f, parse_constant=refuse)
+
+
+def interrupt_at(step, rate):
+  """Patches train_step to deliver SIGINT just before the run at `rate` makes `step`."""
+  real = train.train_step
+
+  def train_step(state, batch, key):
+    if float(state.rate) == rate and int(state.step) == step - 1:
+      signal.raise_signal(signal.SIGINT)
+    return real(state, batch, key)
+
+  patch = pytest.MonkeyPatch()
+  patch.setattr(train, "train_step", train_step)
+  return patch
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-  """The small config, run once in this process; other tests compare with it."""
-  workdir = str(tmp_path_factory.mktemp("small"))
-  results = train.main([*SMALL, "--workdir", workdir])
-  return workdir, results
+  """The small config, run once in this process."""
+  directory = str(tmp_path_factory.mktemp("small"))
+  return directory, train.main([*SMALL, "--workdir", directory])
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+  """The small config, stopped by a SIGINT at step STOP_AT of its rate-0.5 run."""
+  directory = str(tmp_path_factory.mktemp("interrupted"))
+  patch = interrupt_at(STOP_AT, 0.5)
+  try:
+    with pytest.raises(train.Interrupted) as stopped:
+      train.main([*SMALL, "--workdir", directory])
+  finally:
+    patch.undo()
+  return directory, str(stopped.value)
+
+
+def resume_copy(source, target, capsys, damage=None):
+  """Copies a workdir, damages it, resumes it; returns (results, stdout)."""
+  shutil.copytree(source, target)
+  if damage:
+    damage(os.path.join(target, "checkpoints", RUN))
+  capsys.readouterr()
+  results = train.main([*SMALL, "--workdir", str(target), "--resume"])
+  return results, capsys.readouterr().out
 
 
 def test_files_and_schema(small_run):
-  workdir, results = small_run
+  directory, results = small_run
   for name in ("metrics.jsonl", "results.json", "accuracy.png", "config.json", "table.txt"):
-    assert os.path.exists(os.path.join(workdir, name)), name
-  for run in ("rate0-seed0", "rate0.5-seed0"):
-    steps = os.listdir(os.path.join(workdir, "checkpoints", run))
-    assert "60" in steps and "40" in steps, steps  # max_to_keep=2
-  assert read_results(workdir) == json.loads(json.dumps(results))
-
-  assert results["dataset"] == "mnist1d"
-  assert results["model"] == "cnn"
-  assert results["steps"] == 60 and results["devices"] == 1
-  assert isinstance(results["seconds"], float) and results["seconds"] > 0
+    assert os.path.exists(os.path.join(directory, name)), name
+  for run in ("rate0-seed0", RUN):
+    assert sorted(os.listdir(os.path.join(directory, "checkpoints", run))) == ["20", "40"]
+  assert strict_load(os.path.join(directory, "results.json")) == results
+  assert strict_load(os.path.join(directory, "config.json")) == json.loads(
+      json.dumps(train.Config(**results["config"]).signature())
+  )
+  assert results["dataset"] == "mnist1d" and results["model"] == "cnn"
+  assert results["steps"] == 40 and results["devices"] == 1
   assert [(r["rate"], r["seed"]) for r in results["runs"]] == [(0.0, 0), (0.5, 0)]
   for run in results["runs"]:
     for key in ("train_acc", "test_acc", "test_ece"):
@@ -68,73 +118,251 @@ def test_files_and_schema(small_run):
     assert run["test_nll"] > 0
     assert set(run["keep_fraction"]) == {"features"}
     if run["rate"] == 0:
-      assert run["mc"] is None
-      assert run["keep_fraction"]["features"] == 1.0
+      assert run["mc"] is None and run["keep_fraction"]["features"] == 1.0
     else:
       assert set(run["mc"]) == {"samples", "test_acc", "test_nll", "test_ece"}
-      assert run["mc"]["samples"] == 4
-      assert 0.0 <= run["mc"]["test_acc"] <= 1.0
-      assert abs(run["keep_fraction"]["features"] - 0.5) < 0.01
+      assert run["mc"]["samples"] == 4 and 0.0 <= run["mc"]["test_acc"] <= 1.0
+      # 40 steps × 32 examples × 40 features (5 positions × 8 channels), minus zeros.
+      assert 0 < run["keep_check"]["features"]["n"] <= 40 * 32 * 40
+      assert abs(run["keep_fraction"]["features"] - 0.5) < 0.02
       assert run["keep_check"]["features"]["sigmas"] <= 4.0
-
-  rows = read_metrics(workdir)
+  rows = read_metrics(directory)
   assert [(r["rate"], r["step"]) for r in rows] == [
-      (rate, step) for rate in (0.0, 0.5) for step in (20, 40, 60)
+      (rate, step) for rate in (0.0, 0.5) for step in (10, 20, 30, 40)
   ]
   assert rows[-1]["test_acc"] == results["runs"][-1]["test_acc"]
+  with open(os.path.join(directory, "table.txt")) as f:
+    table = f.read()
+  assert "dropout 0.5" in table and "MC dropout K=4" in table
 
 
-def test_same_command_twice_gives_identical_metrics(small_run, tmp_path):
-  workdir, results = small_run
+def test_same_command_twice_gives_identical_results(small_run, tmp_path):
+  directory, results = small_run
   again = train.main([*SMALL, "--workdir", str(tmp_path)])
   assert again["runs"] == results["runs"]
-  assert read_metrics(str(tmp_path)) == read_metrics(workdir)
+  assert read_metrics(str(tmp_path)) == read_metrics(directory)
+
+
+def test_ctrl_c_saves_and_resume_matches_uninterrupted_run(small_run, interrupted_run, tmp_path,
+                                                           capsys):
+  directory, message = interrupted_run
+  assert message == f"interrupted at step {STOP_AT} ({RUN}); continue with --resume"
+  assert sorted(os.listdir(os.path.join(directory, "checkpoints", RUN))) == ["20", str(STOP_AT)]
+  assert not os.path.exists(os.path.join(directory, "results.json"))
+
+  resumed, out = resume_copy(directory, tmp_path / "run", capsys)
+  assert f"resumed from step 40 (rate0-seed0)" in out
+  assert f"resumed from step {STOP_AT} ({RUN})" in out
+  assert resumed["runs"] == small_run[1]["runs"]
+  assert read_metrics(str(tmp_path / "run")) == read_metrics(small_run[0])
+
+
+def _cut_metadata(run_dir):
+  path = os.path.join(run_dir, str(STOP_AT), "_METADATA")
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.truncate(size // 2)
+
+
+def _empty_files(run_dir):
+  for path in glob.glob(os.path.join(run_dir, str(STOP_AT), "**"), recursive=True):
+    if os.path.isfile(path):
+      open(path, "w").close()
+
+
+def _empty_newer_step(run_dir):
+  os.makedirs(os.path.join(run_dir, "40"))
+
+
+@pytest.mark.parametrize(
+    "damage, skipped, resumed_from",
+    [
+        (_cut_metadata, STOP_AT, 20),  # 20 < the metrics row at 30: that row is redone.
+        (_empty_files, STOP_AT, 20),
+        (_empty_newer_step, 40, STOP_AT),
+    ],
+    ids=["cut-metadata", "empty-files", "empty-newer-step"],
+)
+def test_resume_skips_a_damaged_checkpoint(small_run, interrupted_run, tmp_path, capsys,
+                                           damage, skipped, resumed_from):
+  resumed, out = resume_copy(interrupted_run[0], tmp_path / "run", capsys, damage)
+  run_dir = tmp_path / "run" / "checkpoints" / RUN
+  assert f"checkpoint {run_dir / str(skipped)} is damaged (" in out, out
+  assert f"moved it to {run_dir / 'damaged' / str(skipped)}" in out
+  assert f"resumed from step {resumed_from} ({RUN})" in out
+  assert resumed["runs"] == small_run[1]["runs"]
+  assert read_metrics(str(tmp_path / "run")) == read_metrics(small_run[0])
+  # Nothing is left to block a later resume: the steps are the run's own last two.
+  assert sorted(os.listdir(run_dir)) == sorted([str(resumed_from), "40", "damaged"])
+  again = train.main([*SMALL, "--workdir", str(tmp_path / "run"), "--resume"])
+  assert again["runs"] == small_run[1]["runs"]
+
+
+def test_resume_with_no_intact_checkpoint_is_an_error(interrupted_run, tmp_path):
+  shutil.copytree(interrupted_run[0], tmp_path / "run")
+  run_dir = tmp_path / "run" / "checkpoints" / RUN
+  _cut_metadata(str(run_dir))
+  os.remove(run_dir / "20" / checkpoints.CHECKSUMS)
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    train.main([*SMALL, "--workdir", str(tmp_path / "run"), "--resume"])
+  assert str(error.value).startswith(f"no intact checkpoint in {os.path.abspath(run_dir)} (")
+  assert f"step {STOP_AT}: _METADATA has " in str(error.value)
+  assert "step 20: CHECKSUMS.json is missing" in str(error.value)
+  assert sorted(os.listdir(run_dir)) == ["20", str(STOP_AT)]  # Nothing moved.
 
 
 def test_kill_and_resume_matches_uninterrupted_run(small_run, tmp_path, capsys):
-  workdir, results = small_run
-  resumed_dir = str(tmp_path / "killed")
-  script = os.path.join(ROOT, "train.py")
-  command = [sys.executable, "-W", "error", script, *SMALL, "--workdir", resumed_dir]
+  directory = str(tmp_path / "killed")
+  command = [sys.executable, "-W", "error", "train.py", *SMALL, "--workdir", directory]
   process = subprocess.Popen(
       command, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
   )
-  first = os.path.join(resumed_dir, "checkpoints", "rate0-seed0", "20")
+  first = os.path.join(directory, "checkpoints", "rate0-seed0", "20")
   deadline = time.monotonic() + 120
   while not os.path.isdir(first) and process.poll() is None and time.monotonic() < deadline:
-    time.sleep(0.01)
+    time.sleep(0.005)
   alive = process.poll() is None
   process.send_signal(signal.SIGKILL)
   output = process.communicate()[0].decode()
   assert alive, f"the run ended before it could be killed:\n{output}"
-  assert not os.path.exists(os.path.join(resumed_dir, "results.json"))
+  assert not os.path.exists(os.path.join(directory, "results.json"))
 
   # The same command plus --resume (here in this process: only the files carry over).
-  resumed = train.main([*SMALL, "--workdir", resumed_dir, "--resume"])
-  stdout = capsys.readouterr().out
-  assert "resumed from step " in stdout, stdout
-  step = int(stdout.split("resumed from step ")[1].split()[0])
-  assert 20 <= step <= 60
-  assert resumed["runs"] == results["runs"]
-  assert read_results(resumed_dir)["runs"] == results["runs"]
-  assert read_metrics(resumed_dir) == read_metrics(workdir)
+  resumed = train.main([*SMALL, "--workdir", directory, "--resume"])
+  assert "resumed from step " in capsys.readouterr().out
+  assert resumed["runs"] == small_run[1]["runs"]
+  assert strict_load(os.path.join(directory, "results.json"))["runs"] == small_run[1]["runs"]
+  assert read_metrics(directory) == read_metrics(small_run[0])
+
+
+def test_sigint_ends_with_a_message_and_exit_130(tmp_path):
+  directory = str(tmp_path / "run")
+  command = [sys.executable, "-W", "error", "train.py", *SMALL, "--workdir", directory,
+             "--mc-samples", "0", "--checkpoint-every", "10", "--steps", "1000"]
+  process = subprocess.Popen(
+      command, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )
+  first = os.path.join(directory, "checkpoints", "rate0-seed0", "10")
+  deadline = time.monotonic() + 120
+  while not os.path.isdir(first) and process.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.005)
+  process.send_signal(signal.SIGINT)
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 130, (out, err)
+  assert "Traceback" not in err, err
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("interrupted at step ") and last.endswith(
+      " (rate0-seed0); continue with --resume"), err
+  step = int(last.split()[3])
+  assert str(step) in os.listdir(os.path.dirname(first))  # Saved where it stopped.
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["--rate", "1.5"], "argument --rate: must be in [0, 1), got 1.5"),
+        (["--rate", "nan"], "argument --rate: must be in [0, 1), got nan"),
+        (["--sweep", "abc"], "argument --sweep: expected float, got 'abc'"),
+        (["--sweep", "0.3,0.30"], "--sweep lists 0.3 twice"),
+        (["--seeds", "1", "--seed", "7"], "--seed and --seeds conflict"),
+        (["--rate", "0.3", "--sweep", "0.5"], "--rate and --sweep conflict"),
+        (["--early-fraction", "0.2"], "--early-fraction applies to --rate-schedule early only"),
+        (["--devices", "2"], "--devices 2 asks for more devices than the 1 available"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--train-size", "5000"], "argument --train-size: must be in [1, 4000], got 5000"),
+        (["--model", "rnn"], "argument --model: invalid choice: 'rnn'"),
+    ],
+)
+def test_flag_errors_come_through_argparse(flags, message, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    train.main(flags)
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("usage: ") and f"error: {message}" in err, err
+
+
+def test_resume_needs_a_run_to_resume(small_run, tmp_path, monkeypatch, capsys):
+  cases = [
+      (["--workdir", str(tmp_path / "typo")], f"--workdir {tmp_path / 'typo'} does not exist"),
+      (["--workdir", str(tmp_path)], f"--workdir {tmp_path} holds no run (it has no config.json)"),
+      ([], "--resume: no run under runs/ has this config"),
+      (["--workdir", small_run[0], "--steps", "50"], "holds a run with another config: steps=40"),
+  ]
+  monkeypatch.chdir(tmp_path)  # No runs/ here.
+  for flags, message in cases:
+    with pytest.raises(SystemExit):
+      train.main([*SMALL, "--resume", *flags])
+    assert message in capsys.readouterr().err, flags
+  with pytest.raises(SystemExit):  # And a workdir that holds a run needs --resume.
+    train.main([*SMALL, "--workdir", small_run[0]])
+  assert "already holds a run: add --resume" in capsys.readouterr().err
+
+
+def test_config_json_is_written_atomically(tmp_path, monkeypatch):
+  signature = {"model": "cnn", "rate": 0.5}
+
+  def crash(source, target):
+    raise OSError("killed while writing")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(workdir.os, "replace", crash)
+    with pytest.raises(OSError):
+      workdir.create(str(tmp_path / "a"), signature)
+  assert not os.path.exists(tmp_path / "a" / "config.json")  # No half-written file.
+  workdir.create(str(tmp_path / "a"), signature)
+  assert strict_load(tmp_path / "a" / "config.json") == signature
+  assert os.listdir(tmp_path / "a") == ["config.json"]
+
+
+def test_resume_leaves_config_json_alone(interrupted_run, tmp_path, capsys):
+  shutil.copytree(interrupted_run[0], tmp_path / "run")
+  path = tmp_path / "run" / "config.json"
+  before = path.read_bytes(), os.stat(path).st_mtime_ns
+  train.main([*SMALL, "--workdir", str(tmp_path / "run"), "--resume"])
+  assert (path.read_bytes(), os.stat(path).st_mtime_ns) == before
+
+
+def test_no_dropout_step_gives_null_not_nan(tmp_path):
+  # round(0.01 × 40) = 0: the early schedule never turns dropout on.
+  results = train.main([
+      *SMALL, "--rate-schedule", "early", "--early-fraction", "0.01", "--mc-samples", "0",
+      "--workdir", str(tmp_path),
+  ])
+  run = results["runs"][1]
+  assert run["rate"] == 0.5 and run["keep_fraction"] == {"features": None}
+  assert run["keep_check"] == {"features": {"n": 0, "sigmas": None}}
+  assert strict_load(tmp_path / "results.json") == results
+  for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+    json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+  assert "no step had dropout on" in (tmp_path / "table.txt").read_text()
 
 
 def test_sweep_with_seeds_and_early_dropout(tmp_path):
   results = train.main([
-      *SMALL, "--model", "mlp", "--sweep", "0.2,0.5", "--seeds", "2", "--steps", "20",
-      "--rate-schedule", "early", "--mc-samples", "0", "--workdir", str(tmp_path),
+      *SMALL, "--model", "mlp", "--width", "16", "--sweep", "0.2,0.5", "--seeds", "2",
+      "--steps", "20", "--rate-schedule", "early", "--mc-samples", "0",
+      "--workdir", str(tmp_path),
   ])
   runs = [(r["rate"], r["seed"]) for r in results["runs"]]
   assert runs == [(rate, seed) for rate in (0.0, 0.2, 0.5) for seed in (0, 1)]
   assert all(r["mc"] is None for r in results["runs"])
   assert set(results["runs"][0]["keep_fraction"]) == {"hidden1", "hidden2"}
-  # Early dropout: only the first 10 of the 20 steps count (32 examples × 512 units at most).
-  assert all(0 < c["n"] <= 10 * 32 * 512 for r in results["runs"] for c in r["keep_check"].values())
+  # Early dropout: only the first 10 of the 20 steps count (32 examples × 16 units at most).
+  assert all(0 < c["n"] <= 10 * 32 * 16 for r in results["runs"] for c in r["keep_check"].values())
   assert os.path.exists(tmp_path / "sweep.png")
   table = (tmp_path / "table.txt").read_text()
-  assert "±" in table and "dropout 0.5" in table
+  assert "±" in table and "dropout 0.2" in table and "dropout 0.5" in table
+
+
+def test_distinct_rates_get_distinct_names():
+  assert workdir.run_name(0.3, 0) == "rate0.3-seed0"
+  assert workdir.run_name(0.0, 1) == "rate0-seed1"
+  near = 0.1 + 0.2  # 0.30000000000000004: `:g` would print it as 0.3.
+  assert workdir.run_name(near, 0) == "rate0.30000000000000004-seed0"
+  assert workdir.rate_label(1e-7) == "1e-07"
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -152,32 +380,34 @@ def test_data_restores_global_random_state():
   expected = np.random.rand(), random.random()
   np.random.seed(123)
   random.seed(123)
-  data = train.generate_mnist1d()
+  generated = data.generate_mnist1d()
   assert (np.random.rand(), random.random()) == expected
-  assert data["x_train"].shape == (4000, 40) and data["x_test"].shape == (1000, 40)
-  assert set(np.unique(data["y_test"])) == set(range(10))
+  assert generated["x_train"].shape == (4000, 40) and generated["x_test"].shape == (1000, 40)
+  assert set(np.unique(generated["y_test"])) == set(range(10))
 
 
 def test_batches_depend_on_the_step_only():
-  a = [train.batch_indices(0, step, 32, 100) for step in range(10)]
-  train.epoch_order.cache_clear()
-  b = [train.batch_indices(0, step, 32, 100) for step in reversed(range(10))][::-1]
+  a = [data.batch_indices(0, step, 32, 100) for step in range(10)]
+  data.epoch_order.cache_clear()
+  b = [data.batch_indices(0, step, 32, 100) for step in reversed(range(10))][::-1]
   np.testing.assert_array_equal(np.stack(a), np.stack(b))
   # Each epoch is a permutation: 100 consecutive positions cover every example once.
   flat = np.concatenate(a)
   assert sorted(flat[:100]) == list(range(100))
 
 
-def test_help_lists_the_flags(capsys):
-  with pytest.raises(SystemExit):
+def test_help_is_the_config_declared_once(capsys, monkeypatch):
+  monkeypatch.setenv("COLUMNS", "1000")  # One line per flag: no wrapping at hyphens.
+  with pytest.raises(SystemExit) as exit_:
     train.main(["--help"])
-  text = capsys.readouterr().out
-  for flag in (
-      "--model", "--rate", "--sweep", "--seeds", "--steps", "--batch-size", "--lr",
-      "--seed", "--mc-samples", "--rate-schedule", "--eval-every",
-      "--checkpoint-every", "--workdir", "--resume", "--devices",
-  ):
-    assert flag in text, flag
+  assert exit_.value.code == 0
+  text = " ".join(capsys.readouterr().out.split())
+  comments = cli.field_comments(train.Config)
+  for field in dataclasses.fields(train.Config):
+    flag = "--" + field.name.replace("_", "-")
+    assert (flag if field.name != "progress" else "--no-progress") in text, flag
+    assert comments[field.name] in text, field.name  # Its comment is its help.
+  assert "(default: 0.5)" in text and "(default: cnn)" in text
 
 
 def test_eight_devices_match_one(small_run, tmp_path):

@@ -1,0 +1,165 @@
+"""Orbax checkpoints that a resume can trust: checksummed, and skipped when damaged.
+
+A run's checkpoints live in ``<directory>/<step>/``: one Orbax
+``StandardCheckpointer`` save of the train state, plus ``CHECKSUMS.json`` (the
+size and SHA-256 of every file). A save goes to ``<step>.partial/``, which is
+renamed to ``<step>/`` once its checksums are written, so a step directory is
+complete when it appears and a save cut short leaves only a ``.partial``.
+
+A step is intact when its files match its checksums and Orbax restores it.
+Anything else (a file cut short or emptied, an empty directory, a missing
+file) is damaged: a resume moves it to ``<directory>/damaged/`` with a message
+naming it, and continues from the newest intact step, or stops with
+``CheckpointError`` if no step is intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+CHECKSUMS = "CHECKSUMS.json"
+
+
+class CheckpointError(RuntimeError):
+  """Checkpoints exist, but none of them can be restored."""
+
+
+def saved_steps(directory: str) -> list[int]:
+  """The steps that have a directory, oldest first (unfinished saves excluded)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _checksums(step_dir: str) -> dict[str, list]:
+  table = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      relative = os.path.relpath(path, step_dir)
+      if relative != CHECKSUMS:
+        with open(path, "rb") as f:
+          table[relative] = [os.path.getsize(path), hashlib.file_digest(f, "sha256").hexdigest()]
+  return dict(sorted(table.items()))
+
+
+def _damage(step_dir: str) -> str | None:
+  """What is wrong with a step directory's files, or None if they match their checksums."""
+  try:
+    with open(os.path.join(step_dir, CHECKSUMS)) as f:
+      expected = json.load(f)
+  except FileNotFoundError:
+    return f"{CHECKSUMS} is missing"
+  except (OSError, ValueError) as error:
+    return f"{CHECKSUMS} is unreadable ({error})"
+  found = _checksums(step_dir)
+  for name, (size, digest) in expected.items():
+    if name not in found:
+      return f"{name} is missing"
+    if found[name][0] != size:
+      return f"{name} has {found[name][0]} bytes, {size} were saved"
+    if found[name][1] != digest:
+      return f"{name} does not match its checksum"
+  return None
+
+
+def _on_primary(fn: Callable[[], None], tag: str) -> None:
+  """Runs a filesystem change on process 0 only; the other processes wait for it."""
+  if jax.process_index() == 0:
+    fn()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(tag)
+
+
+def restore_latest(directory: str, state: Any, log: Callable[[str], None] = print) -> Any:
+  """The newest intact checkpoint, restored like `state` (shapes, dtypes, shardings).
+
+  Damaged newer steps are moved to ``<directory>/damaged/`` (with a message
+  naming each and why), so they neither block later saves nor get lost.
+
+  Returns:
+    The restored state, or None when the directory holds no checkpoint.
+
+  Raises:
+    CheckpointError: checkpoints exist, but none is intact.
+  """
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  damaged, restored = [], None
+  for step in reversed(saved_steps(directory)):
+    path = os.path.join(directory, str(step))
+    problem = _damage(path)
+    if problem is None:
+      try:
+        with ocp.StandardCheckpointer() as checkpointer:
+          restored = checkpointer.restore(path, abstract)
+        if int(restored.step) != step:
+          problem, restored = f"it holds step {int(restored.step)}", None
+      except Exception as error:  # noqa: BLE001 -- any failure to read means damage.
+        problem = f"Orbax cannot restore it ({type(error).__name__}: {str(error)[:200]})"
+    if problem is None:
+      break
+    damaged.append((step, problem))
+  if restored is None and damaged:
+    listing = "; ".join(f"step {s}: {p}" for s, p in damaged)
+    raise CheckpointError(
+        f"no intact checkpoint in {directory} ({listing}). Move that directory away "
+        f"to train this run again from step 0."
+    )
+
+  def move_aside():
+    for step, problem in damaged:
+      target = os.path.join(directory, "damaged", str(step))
+      suffix = 1
+      while os.path.exists(target):
+        suffix += 1
+        target = os.path.join(directory, "damaged", f"{step}-{suffix}")
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(os.path.join(directory, str(step)), target)
+      log(f"checkpoint {os.path.join(directory, str(step))} is damaged ({problem}); "
+          f"moved it to {target}")
+    for name in os.listdir(directory) if os.path.isdir(directory) else ():
+      if ".partial" in name:  # A save cut short (Orbax's own temporary names included).
+        shutil.rmtree(os.path.join(directory, name))
+
+  _on_primary(move_aside, f"move-aside:{directory}")
+  return restored
+
+
+class Checkpointer:
+  """Saves a run's train state every so often, keeping the newest `keep` steps."""
+
+  def __init__(self, directory: str, keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    self.keep = keep
+    self._orbax = ocp.StandardCheckpointer()
+
+  def save(self, step: int, state: Any) -> None:
+    """Saves `state` as `step`, synchronously; a step directory that exists is complete."""
+    final = os.path.join(self.directory, str(step))
+    partial = final + ".partial"
+    _on_primary(lambda: shutil.rmtree(partial, ignore_errors=True), f"clear:{partial}")
+    self._orbax.save(partial, state)
+    self._orbax.wait_until_finished()
+
+    def commit():
+      table = _checksums(partial)
+      with open(os.path.join(partial, CHECKSUMS), "w") as f:
+        json.dump(table, f, indent=0)
+      shutil.rmtree(final, ignore_errors=True)
+      os.rename(partial, final)
+      for old in saved_steps(self.directory)[: -self.keep]:
+        shutil.rmtree(os.path.join(self.directory, str(old)))
+
+    _on_primary(commit, f"save:{final}")
+
+  def close(self) -> None:
+    self._orbax.close()
