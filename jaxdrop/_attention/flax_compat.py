@@ -54,7 +54,9 @@ def _flax_attention(
 
   out = api.attention(
       flatten(query), flatten(key), flatten(value),
-      _flat_batch(bias, batch_shape), _flat_batch(mask, batch_shape),
+      _flat_batch(bias, batch_shape),
+      # flax masks are often float 0/1 (nn.make_causal_mask); flax attends where nonzero.
+      None if mask is None else _flat_batch(jnp.asarray(mask) != 0, batch_shape),
       is_causal=is_causal,
       dropout_rate=dropout_rate,
       dropout_key=dropout_rng,

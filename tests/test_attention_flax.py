@@ -1,0 +1,124 @@
+"""jaxdrop.linen/nnx.dot_product_attention drop into flax's attention modules."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxdrop
+
+KEY = jax.random.key(3)
+
+
+def qkv(batch_shape=(2,), rows=6, heads=2, head_dim=8, dtype=jnp.float32):
+  rng = np.random.default_rng(0)
+  shape = batch_shape + (rows, heads, head_dim)
+  return tuple(jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
+
+
+def test_function_equals_the_core_function():
+  q, k, v = qkv()
+  out = jaxdrop.linen.dot_product_attention(
+      q, k, v, dropout_rng=KEY, dropout_rate=0.3, broadcast_dropout=False
+  )
+  expected = jaxdrop.dot_product_attention(q, k, v, dropout_key=KEY, dropout_rate=0.3)
+  np.testing.assert_array_equal(out, expected)
+
+
+def test_broadcast_dropout_shares_one_mask_across_batch_and_heads():
+  batch, rows, heads, cols = 2, 5, 3, 8
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.normal(size=(batch, rows, heads, cols)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(batch, cols, heads, cols)), jnp.float32)
+  v = jnp.broadcast_to(jnp.eye(cols)[None, :, None, :], (batch, cols, heads, cols))
+  out = jaxdrop.linen.dot_product_attention(q, k, v, dropout_rng=KEY, dropout_rate=0.5)
+  keep = np.asarray(jaxdrop.attention_keep_mask(KEY, (1, 1, rows, cols), 0.5))[0, 0]
+  for b in range(batch):
+    for n in range(heads):
+      np.testing.assert_array_equal(np.asarray(out[b, :, n]) != 0, keep)
+
+
+def test_several_batch_dimensions_equal_one():
+  q, k, v = qkv(batch_shape=(2, 3))
+  mask = jnp.asarray(np.random.default_rng(2).random((2, 1, 1, 6, 6)) > 0.2) | jnp.eye(6, dtype=bool)
+  out = jaxdrop.linen.dot_product_attention(
+      q, k, v, mask=mask, dropout_rng=KEY, dropout_rate=0.2, broadcast_dropout=False
+  )
+  flat = jaxdrop.dot_product_attention(
+      *(x.reshape(6, 6, 2, 8) for x in (q, k, v)),
+      mask=jnp.broadcast_to(mask, (2, 3, 1, 6, 6)).reshape(6, 1, 6, 6),
+      dropout_key=KEY, dropout_rate=0.2,
+  )
+  np.testing.assert_array_equal(out, flat.reshape(out.shape))
+
+
+def test_dtype_promotes_as_flax():
+  q, k, v = qkv(dtype=jnp.bfloat16)
+  assert jaxdrop.linen.dot_product_attention(q, k, v, deterministic=True).dtype == jnp.bfloat16
+  out = jaxdrop.linen.dot_product_attention(q, k, v, deterministic=True, dtype=jnp.float32)
+  assert out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(module=object()),
+        dict(einsum_dot_general=jax.lax.dot_general),
+        dict(qk_attn_weights_einsum=jnp.einsum),
+        dict(attn_weights_value_einsum=jnp.einsum),
+    ],
+)
+def test_what_needs_materialized_weights_is_a_clear_error(kwargs):
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match="never materializes"):
+    jaxdrop.linen.dot_product_attention(q, k, v, **kwargs)
+
+
+def test_linen_module_without_dropout_equals_flax_default():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 8))
+  mask = nn.make_causal_mask(jnp.ones((2, 6)))
+  make = lambda fn: nn.MultiHeadDotProductAttention(
+      num_heads=2, qkv_features=8, dropout_rate=0.1, broadcast_dropout=False, attention_fn=fn
+  )
+  variables = make(nn.dot_product_attention).init(jax.random.key(1), x, deterministic=True)
+  expected = make(nn.dot_product_attention).apply(variables, x, mask=mask, deterministic=True)
+  out = make(jaxdrop.linen.dot_product_attention).apply(variables, x, mask=mask, deterministic=True)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+  dropped = make(jaxdrop.linen.dot_product_attention).apply(
+      variables, x, mask=mask, deterministic=False, rngs={"dropout": jax.random.key(2)}
+  )
+  again = make(jaxdrop.linen.dot_product_attention).apply(
+      variables, x, mask=mask, deterministic=False, rngs={"dropout": jax.random.key(2)}
+  )
+  np.testing.assert_array_equal(dropped, again)
+  assert not np.allclose(dropped, expected)
+
+
+def test_linen_module_sowing_weights_names_the_alternative():
+  x = jnp.ones((1, 4, 8))
+  layer = nn.MultiHeadDotProductAttention(
+      num_heads=2, qkv_features=8, attention_fn=jaxdrop.linen.dot_product_attention
+  )
+  variables = layer.init(jax.random.key(0), x, deterministic=True)
+  with pytest.raises(ValueError, match="sow_weights=False"):
+    layer.apply(variables, x, deterministic=True, sow_weights=True)
+
+
+def test_nnx_module_without_dropout_equals_flax_default():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 8))
+  make = lambda fn: nnx.MultiHeadAttention(
+      num_heads=2, in_features=8, dropout_rate=0.1, broadcast_dropout=False, decode=False,
+      attention_fn=fn, rngs=nnx.Rngs(0),
+  )
+  ours, theirs = make(jaxdrop.nnx.dot_product_attention), make(nnx.dot_product_attention)
+  ours.eval()
+  theirs.eval()
+  np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+  ours.train()
+  first, second = ours(x), ours(x)  # The module's dropout stream advances.
+  assert not np.allclose(first, second)
+  assert not np.allclose(first, theirs(x))
