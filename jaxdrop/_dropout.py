@@ -12,7 +12,9 @@ implementations use ``jax.random.bits``. Either way the mask equals
 
 The derivative is a ``custom_jvp`` whose tangent recomputes the mask under
 ``jax.checkpoint``: reverse mode keeps only the key, threshold and scale for the
-backward pass, never a mask or a bits array.
+backward pass, never a mask or a bits array. Every output is tagged with
+``jax.ad_checkpoint.checkpoint_name(y, CHECKPOINT_NAME)``, so that a
+``jax.checkpoint`` policy can tell dropout outputs apart (see :func:`dropout`).
 """
 
 from __future__ import annotations
@@ -27,18 +29,21 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxdrop import _threefry
 
 _BITS = (32, 16)  # The modes: 32-bit decisions (default) or 16-bit (fast).
 _THREEFRY = "threefry2x32"
 
+# The name every dropout output carries, for jax.checkpoint policies such as
+# jax.checkpoint_policies.save_anything_except_these_names(CHECKPOINT_NAME).
+CHECKPOINT_NAME = "jaxdrop.dropout"
+
 _KEY_HELP = (
     "Pass a key made with jax.random.key(seed) (or a legacy "
-    "jax.random.PRNGKey(seed)), e.g. dropout(jax.random.key(0), x, rate); in "
-    "a training loop use a fresh key each step, such as "
-    "jax.random.fold_in(key, step). To switch dropout off, pass "
-    "deterministic=True instead."
+    "jax.random.PRNGKey(seed)); in a training loop use a fresh key each step, "
+    "such as jax.random.fold_in(key, step)."
 )
 
 
@@ -54,6 +59,55 @@ class _Threshold(NamedTuple):
 
 # ----------------------------------------------------------------------------
 # Argument checking.
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(
+      value, (bool, np.bool_)
+  )
+
+
+def check_int(
+    value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+  """``value`` as a Python int; raises unless it is an int in [minimum, maximum].
+
+  Raises:
+    TypeError: ``value`` is not an int (a bool or a float is refused).
+    ValueError: ``value`` is outside the bounds.
+  """
+  if not _is_int(value):
+    raise TypeError(f"{name} must be an int, got {name}={value!r}")
+  if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+    if maximum is None:
+      bounds = f">= {minimum}"
+    elif minimum is None:
+      bounds = f"<= {maximum}"
+    else:
+      bounds = f"in [{minimum}, {maximum}]"
+    raise ValueError(f"{name} must be an int {bounds}, got {name}={value!r}")
+  return int(value)
+
+
+def static_ints(values: Any, name: str, what: str) -> tuple[int, ...]:
+  """An int or a sequence of ints (a NumPy or concrete JAX int array too)."""
+  if isinstance(values, (jax.Array, np.ndarray)):
+    try:
+      array = np.asarray(values)
+    except jax.errors.TracerArrayConversionError as error:
+      raise TypeError(f"{name} must be static {what}, got a traced array") from error
+    if array.dtype.kind not in "iu" or array.ndim > 1:
+      raise TypeError(f"{name} must be {what}, got {name}={values!r}")
+    return tuple(int(v) for v in array.reshape(-1))
+  if _is_int(values):
+    return (int(values),)
+  try:
+    items = tuple(values)
+  except TypeError as error:
+    raise TypeError(f"{name} must be {what}, got {name}={values!r}") from error
+  if not all(_is_int(v) for v in items):
+    raise TypeError(f"{name} must be {what}, got {name}={values!r}")
+  return tuple(int(v) for v in items)
 
 
 def static_rate(rate: Any, name: str = "rate") -> float | None:
@@ -104,8 +158,10 @@ def check_input(x: Any, name: str = "x") -> jax.Array:
   """Returns ``x`` as a JAX array; raises TypeError unless it is floating."""
   try:
     x = jnp.asarray(x)
-  except TypeError as error:
-    raise TypeError(f"{name} must be an array, got {type(x).__name__}") from error
+  except (TypeError, ValueError) as error:
+    raise TypeError(
+        f"{name} must be a floating array, got {name}={x!r} of type {type(x).__name__}"
+    ) from error
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(
         f"{name} must have a floating dtype (float16, bfloat16, float32 or "
@@ -125,45 +181,31 @@ def check_deterministic(deterministic: Any) -> bool:
 
 
 def normalize_axes(
-    axes: Sequence[int], ndim: int, name: str = "broadcast_dims"
+    axes: Sequence[int] | int, ndim: int, name: str = "broadcast_dims"
 ) -> tuple[int, ...]:
-  """Non-negative, validated axes; raises on bad types, range or repeats."""
-  if isinstance(axes, (numbers.Integral, np.integer)):
-    axes = (axes,)
-  try:
-    axes = tuple(axes)
-  except TypeError as error:
-    raise TypeError(
-        f"{name} must be a sequence of ints, got {name}={axes!r}"
-    ) from error
+  """Non-negative, validated axes; raises on bad types, range or repeats.
+
+  ``axes`` is an int or a sequence of ints, including a NumPy or concrete JAX
+  integer array.
+  """
   normalized = []
-  for axis in axes:
-    if isinstance(axis, bool) or not isinstance(axis, (numbers.Integral, np.integer)):
-      raise TypeError(f"{name} must contain ints, got {name}={axes!r}")
+  for axis in static_ints(axes, name, "a sequence of ints"):
     if not -ndim <= axis < ndim:
       raise ValueError(
           f"{name}={axes!r} has axis {axis}, out of range for an input of "
           f"{ndim} dimensions"
       )
-    normalized.append(int(axis) % ndim)
+    normalized.append(axis % ndim)
   if len(set(normalized)) != len(normalized):
     raise ValueError(f"{name}={axes!r} repeats an axis")
   return tuple(normalized)
 
 
 def check_shape(shape: Any, name: str = "shape") -> tuple[int, ...]:
-  if isinstance(shape, (numbers.Integral, np.integer)):
-    shape = (shape,)
-  try:
-    shape = tuple(shape)
-  except TypeError as error:
-    raise TypeError(f"{name} must be a tuple of ints, got {name}={shape!r}") from error
-  for dim in shape:
-    if isinstance(dim, bool) or not isinstance(dim, (numbers.Integral, np.integer)):
-      raise TypeError(f"{name} must be a tuple of ints, got {name}={shape!r}")
-    if dim < 0:
-      raise ValueError(f"{name} must not have negative sizes, got {name}={shape!r}")
-  return tuple(int(d) for d in shape)
+  shape = static_ints(shape, name, "a tuple of ints")
+  if any(dim < 0 for dim in shape):
+    raise ValueError(f"{name} must not have negative sizes, got {name}={shape!r}")
+  return shape
 
 
 @functools.cache
@@ -172,39 +214,55 @@ def _raw_key_shape(impl: str) -> tuple[int, ...]:
   return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
 
 
-def split_key(key: Any) -> tuple[jax.Array, str]:
-  """Returns ``(key_data, impl_name)`` for a typed or legacy raw PRNG key.
+def typed_key(key: Any, name: str = "key") -> jax.Array:
+  """``key`` as one typed PRNG key; accepts typed and legacy raw uint32 keys.
 
   Raises:
     ValueError: ``key`` is None, or a batch of keys.
     TypeError: ``key`` is not a PRNG key.
   """
   if key is None:
-    raise ValueError(f"key=None, but dropout is active (deterministic=False). {_KEY_HELP}")
+    raise ValueError(f"{name}=None, but a PRNG key is needed. {_KEY_HELP}")
   if not isinstance(key, (jax.Array, np.ndarray)):
     raise TypeError(
-        f"key must be a JAX PRNG key, got {type(key).__name__} ({key!r}). {_KEY_HELP}"
+        f"{name} must be a JAX PRNG key, got {type(key).__name__} ({key!r}). {_KEY_HELP}"
     )
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     typed = key
   elif key.dtype == jnp.uint32:
-    default_shape = _raw_key_shape(str(jax.config.jax_default_prng_impl))
-    if key.shape != default_shape:
+    raw = _raw_key_shape(str(jax.config.jax_default_prng_impl))
+    if key.shape[key.ndim - len(raw):] != raw:
       raise TypeError(
-          f"key must be a PRNG key; a raw uint32 key has shape {default_shape}, "
+          f"{name} must be a PRNG key; a raw uint32 key has shape {raw}, "
           f"got shape {key.shape}. {_KEY_HELP}"
       )
     typed = jax.random.wrap_key_data(key)
   else:
     raise TypeError(
-        f"key must be a JAX PRNG key, got an array of dtype {key.dtype} and "
+        f"{name} must be a JAX PRNG key, got an array of dtype {key.dtype} and "
         f"shape {key.shape}. {_KEY_HELP}"
     )
   if typed.shape != ():
     raise ValueError(
-        f"key must be a single key, got a batch of keys of shape {typed.shape}; "
+        f"{name} must be a single key, got a batch of keys of shape {typed.shape}; "
         "use jax.vmap to give each example its own key"
     )
+  return typed
+
+
+def split_key(key: Any) -> tuple[jax.Array, str]:
+  """Returns ``(key_data, impl_name)`` of the key of an active dropout call.
+
+  Raises:
+    ValueError: ``key`` is None, or a batch of keys.
+    TypeError: ``key`` is not a PRNG key.
+  """
+  if key is None:
+    raise ValueError(
+        f"key=None, but dropout is active (deterministic=False). {_KEY_HELP} "
+        "To switch dropout off, pass deterministic=True instead."
+    )
+  typed = typed_key(key)
   return jax.random.key_data(typed), str(jax.random.key_impl(typed))
 
 
@@ -244,6 +302,33 @@ def quantize_rate(rate: float, bits: int) -> tuple[int, float]:
     return levels, 0.0
   threshold = min(round(fixed * levels), levels - 1)
   return threshold, (levels - threshold) / levels
+
+
+def keep_probability(rate: float, bits: int = 32) -> float:
+  """The exact probability that dropout keeps an element at a static ``rate``.
+
+  Dropout keeps an element with probability ``p_keep = (2**bits - t) / 2**bits``,
+  ``t = min(round(rate * 2**bits), 2**bits - 1)`` for ``rate < 1`` (0 at rate
+  1), and scales survivors by exactly ``1 / p_keep``. ``p_keep`` is within
+  ``2**-(bits + 1)`` of ``1 - rate``.
+
+  Args:
+    rate: probability to drop, a Python or NumPy scalar in [0, 1].
+    bits: the mode, 32 (default) or 16 (fast mode), as for :func:`dropout`.
+
+  Returns:
+    ``p_keep`` as a Python float.
+
+  Raises:
+    ValueError: ``rate`` outside [0, 1] or NaN; ``bits`` not 32 or 16.
+    TypeError: ``rate`` is not a static number; ``bits`` not an int.
+
+  Examples:
+    >>> import jaxdrop
+    >>> jaxdrop.keep_probability(0.5), jaxdrop.keep_probability(0.1, bits=16)
+    (0.5, 0.899993896484375)
+  """
+  return quantize_rate(rate, check_bits(bits))[1]
 
 
 def resolve_rate(rate: Any, dtype: Any, bits: int = 32) -> _Threshold:
@@ -361,7 +446,7 @@ def _mask_kernel(key_data, rate, *, spec, fixed_rate):
 
 def check_bits(bits: Any) -> int:
   """Validates the ``bits`` mode: 32 (default) or 16 (fast)."""
-  if isinstance(bits, bool) or not isinstance(bits, (numbers.Integral, np.integer)):
+  if not _is_int(bits):
     raise TypeError(f"bits must be 32 or 16, got bits={bits!r}")
   if bits not in _BITS:
     raise ValueError(
@@ -442,18 +527,28 @@ def dropout(
       ``u = jax.random.bits(key, (ceil(n / 4),), jnp.uint64)`` with
       ``t = round(rate * 2**16)``. The keep probability is then quantized to
       multiples of 2**-16 and the scale is its exact inverse, so the mean is
-      still exact. Fast mode needs a threefry key. It measured about a
-      third less time on CPU and a quarter less for bfloat16 on an H200,
-      with no gain for float32 on that GPU (see BENCHMARKS.md).
+      still exact. Fast mode needs a threefry key; when it pays off is in
+      BENCHMARKS.md.
 
   Returns:
-    An array with the shape and dtype of ``x``.
+    An array with the shape and dtype of ``x``. Unless it is ``x`` itself
+    (deterministic, or a static rate of 0) it is tagged with
+    ``checkpoint_name(y, jaxdrop.CHECKPOINT_NAME)``. Without ``jax.checkpoint``
+    the backward pass of the layer that consumes ``y`` keeps ``y``; under
+    ``jax.checkpoint`` with a policy that saves only named values, such as
+    ``jax.checkpoint_policies.save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)``
+    (with the model's own ``checkpoint_name`` tags), or ``dots_saveable``, it
+    is recomputed from ``x`` and the key and only the key is kept.
+    ``save_anything_except_these_names(jaxdrop.CHECKPOINT_NAME)`` does not do
+    this: JAX applies that policy inside the derivative too, which then saves
+    the mask instead of ``y``.
 
   Raises:
     ValueError: a static ``rate`` outside [0, 1] or NaN; ``key`` is None
-      while dropout is active; ``broadcast_dims`` out of range or repeated;
-      ``bits`` not 32 or 16, or 16 with a non-threefry key.
-    TypeError: ``x`` is not floating; ``key`` is not a PRNG key.
+      while dropout is active, or a batch of keys; ``broadcast_dims`` out of
+      range or repeated; ``bits`` not 32 or 16, or 16 with a non-threefry key.
+    TypeError: ``x`` is not a floating array; ``key`` is not a PRNG key;
+      ``broadcast_dims`` is not an int or a sequence of ints.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxdrop
@@ -475,7 +570,8 @@ def dropout(
   spec = _mask_spec(impl, mask_shape, bits)
   if fixed is not None:
     rate = None  # Passed as a static argument instead.
-  return _dropout_kernel(key_data, x, rate, spec=spec, fixed_rate=fixed)
+  y = _dropout_kernel(key_data, x, rate, spec=spec, fixed_rate=fixed)
+  return checkpoint_name(y, CHECKPOINT_NAME)
 
 
 def keep_mask(

@@ -43,26 +43,41 @@ def keep_fraction(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike) -> jax.Array
   return kept / jnp.sum(counted, dtype=jnp.float32)
 
 
-def keep_fraction_bound(rate: float, n: int, k: float = 4.0) -> float:
-  """``k`` standard deviations of the kept fraction of ``n`` Bernoulli draws.
+def _static_rate(rate: float) -> float:
+  fixed = _dropout.static_rate(rate)
+  if fixed is None:
+    raise TypeError(f"rate must be a Python float for a host-side check, got rate={rate!r}")
+  return fixed
 
-  The number kept is Binomial(n, 1 - rate), so its fraction has standard
-  deviation ``sqrt(rate * (1 - rate) / n)``.
+
+def keep_fraction_bound(rate: float, n: int, k: float = 4.0, *, bits: int = 32) -> float:
+  """``k`` standard deviations of the kept fraction of ``n`` dropout decisions.
+
+  The number kept is Binomial(n, p_keep), with ``p_keep =
+  jaxdrop.keep_probability(rate, bits)``, so its fraction has standard
+  deviation ``sqrt(p_keep * (1 - p_keep) / n)``.
+
+  Examples:
+    >>> import jaxdrop
+    >>> jaxdrop.checks.keep_fraction_bound(0.5, 10_000)
+    0.02
   """
-  if n <= 0:
-    raise ValueError(f"n must be positive, got n={n}")
-  if k <= 0:
-    raise ValueError(f"k must be positive, got k={k}")
-  rate = _dropout.static_rate(rate)
-  if rate is None:
-    raise TypeError("rate must be a Python float for a host-side check")
-  return k * math.sqrt(rate * (1 - rate) / n)
+  n = _dropout.check_int(n, "n", minimum=1)
+  if not k > 0:
+    raise ValueError(f"k must be positive, got k={k!r}")
+  p_keep = _dropout.keep_probability(_static_rate(rate), bits)
+  return k * math.sqrt(p_keep * (1 - p_keep) / n)
 
 
 def assert_keep_fraction(
-    fraction: float | jax.typing.ArrayLike, rate: float, n: int, *, k: float = 4.0
+    fraction: float | jax.typing.ArrayLike,
+    rate: float,
+    n: int,
+    *,
+    k: float = 4.0,
+    bits: int = 32,
 ) -> None:
-  """Asserts a realized keep fraction is within ``k``·σ of ``1 - rate``.
+  """Asserts a realized keep fraction is within ``k``·σ of the keep probability.
 
   Args:
     fraction: the kept fraction of ``n`` independent keep/drop decisions.
@@ -70,17 +85,19 @@ def assert_keep_fraction(
     n: the number of decisions.
     k: the number of binomial standard deviations allowed (4 by default:
       a false alarm about once in 16,000 checks).
+    bits: the mode the decisions were made in, 32 or 16; the expected
+      fraction is ``jaxdrop.keep_probability(rate, bits)``.
 
   Raises:
     AssertionError: the fraction is outside the bound (or NaN).
   """
-  bound = keep_fraction_bound(rate, n, k)
+  bound = keep_fraction_bound(rate, n, k, bits=bits)
   fraction = float(fraction)
-  expected = 1.0 - float(rate)
+  expected = _dropout.keep_probability(_static_rate(rate), bits)
   if not abs(fraction - expected) <= bound:
     raise AssertionError(
         f"keep fraction {fraction:.6f} over n={n} decisions is not within "
-        f"{k}·σ = {bound:.6f} of 1 - rate = {expected:.6f} "
+        f"{k}·σ = {bound:.6f} of p_keep = {expected:.6f} "
         f"(off by {abs(fraction - expected) / max(bound / k, 1e-300):.2f}σ)"
     )
 
@@ -92,13 +109,23 @@ def assert_dropout_output(
     *,
     broadcast_dims: Sequence[int] = (),
     k: float = 4.0,
+    bits: int = 32,
 ) -> None:
   """Asserts ``y`` could be ``jaxdrop.dropout(key, x, rate, ...)`` for some key.
 
   Checks that ``y`` has the shape and dtype of ``x``; every element is 0 or
-  ``x`` scaled by ``1 / p_keep`` (to the dtype's rounding); elements sharing
-  a mask along ``broadcast_dims`` agree; and the kept fraction is within
-  ``k``·σ of ``1 - rate``.
+  ``x`` scaled by ``1 / p_keep`` (to the dtype's rounding), where ``p_keep =
+  jaxdrop.keep_probability(rate, bits)``; elements sharing a mask along
+  ``broadcast_dims`` agree; and the kept fraction is within ``k``·σ of
+  ``p_keep``.
+
+  Args:
+    x: the input of the dropout call.
+    y: its output.
+    rate: the static rate it was called with.
+    broadcast_dims: the axes it shared the mask along.
+    k: binomial standard deviations allowed for the kept fraction.
+    bits: the mode it ran in, 32 (default) or 16 (fast mode).
 
   Raises:
     AssertionError: with the first offending numbers.
@@ -112,17 +139,12 @@ def assert_dropout_output(
   x, y = jnp.asarray(x), jnp.asarray(y)
   chex.assert_equal_shape((x, y))
   chex.assert_trees_all_equal_dtypes(x, y)
-  fixed = _dropout.static_rate(rate)
-  if fixed is None:
-    raise TypeError("rate must be a Python float for a host-side check")
+  fixed = _static_rate(rate)
   axes = _dropout.normalize_axes(broadcast_dims, x.ndim)
   xs = np.asarray(x, np.float64)
   ys = np.asarray(y, np.float64)
-  if fixed == 1.0:
-    scale = 0.0
-  else:
-    threshold = min(round(fixed * 2**32), 2**32 - 1)
-    scale = 2**32 / (2**32 - threshold)
+  p_keep = _dropout.keep_probability(fixed, bits)
+  scale = 1 / p_keep if p_keep else 0.0
   scaled = xs * scale
   tolerance = 2 * float(jnp.finfo(x.dtype).eps) * np.abs(scaled)
   is_zero = ys == 0
@@ -160,4 +182,4 @@ def assert_dropout_output(
           f"{int(kept.sum())} of {n}"
       )
     return
-  assert_keep_fraction(kept.sum() / n, fixed, n, k=k)
+  assert_keep_fraction(kept.sum() / n, fixed, n, k=k, bits=bits)

@@ -9,12 +9,13 @@ high where the passes disagree.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jaxdrop import _dropout
 
 __all__ = ["Prediction", "expected_calibration_error", "predict", "sample"]
 
@@ -33,14 +34,6 @@ class Prediction(NamedTuple):
   entropy: jax.Array
   expected_entropy: jax.Array
   mutual_information: jax.Array
-
-
-def _check_count(value: Any, name: str) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be a positive int, got {name}={value!r}")
-  if value < 1:
-    raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
-  return int(value)
 
 
 def sample(
@@ -66,15 +59,20 @@ def sample(
   Returns:
     ``fn``'s outputs stacked on a new leading axis of size ``num_samples``.
 
+  Raises:
+    TypeError: ``key`` is not a PRNG key; a count is not an int.
+    ValueError: a count below 1; ``key`` is a batch of keys.
+
   Examples:
     >>> import jax, jax.numpy as jnp, jaxdrop
     >>> fn = lambda k, x: jaxdrop.dropout(k, x, 0.5)
     >>> jaxdrop.mc.sample(fn, jax.random.key(0), jnp.ones(3), num_samples=4).shape
     (4, 3)
   """
-  num_samples = _check_count(num_samples, "num_samples")
+  num_samples = _dropout.check_int(num_samples, "num_samples", minimum=1)
   if chunk_size is not None:
-    chunk_size = _check_count(chunk_size, "chunk_size")
+    chunk_size = _dropout.check_int(chunk_size, "chunk_size", minimum=1)
+  _dropout.typed_key(key)  # A named error for anything that is not one key.
   keys = jax.random.split(key, num_samples)
   one = lambda k: fn(k, *args)  # noqa: E731
   if chunk_size is None or chunk_size >= num_samples:
@@ -92,8 +90,10 @@ def predict(
   """MC-dropout prediction for a classifier whose ``fn`` returns logits.
 
   Args:
-    fn: ``fn(key, *args)`` returns logits with classes on the last axis, using
-      ``key`` for its dropout masks.
+    fn: ``fn(key, *args)`` returns one array of logits with classes on the
+      last axis, using ``key`` for its dropout masks. For a model that returns
+      more (a dict, or ``(logits, aux)``), pass a function that picks the
+      logits, or use :func:`sample`, which takes any pytree.
     key: a PRNG key.
     *args: passed to ``fn``.
     num_samples: number of stochastic passes to average.
@@ -102,6 +102,11 @@ def predict(
   Returns:
     A :class:`Prediction`: mean probabilities, their entropy, the expected
     entropy and the mutual information (``entropy - expected_entropy``).
+
+  Raises:
+    TypeError: ``fn`` returns something other than one floating array; as
+      for :func:`sample`.
+    ValueError: ``fn`` returns a scalar (no class axis); as for :func:`sample`.
 
   With a Flax linen model, pass the key as the dropout stream::
 
@@ -128,6 +133,7 @@ def predict(
     ((1, 3), True)
   """
   logits = sample(fn, key, *args, num_samples=num_samples, chunk_size=chunk_size)
+  _check_logits(logits)
   log_p = jax.nn.log_softmax(logits, axis=-1)
   p = jnp.exp(log_p)
   probs = jnp.mean(p, axis=0)
@@ -148,6 +154,25 @@ def predict(
   kl = jnp.sum(jnp.where(p > 0, p * (log_p - log_mean), 0.0), axis=-1)
   mutual_information = jnp.maximum(jnp.mean(kl, axis=0), 0.0)
   return Prediction(probs, entropy, expected_entropy, mutual_information)
+
+
+def _check_logits(logits: Any) -> None:
+  """Raises unless ``fn`` returned one floating array with a class axis."""
+  if not isinstance(logits, jax.Array):
+    structure = jax.tree.structure(jax.tree.map(lambda leaf: 0, logits))
+    raise TypeError(
+        "predict needs fn to return one array of logits (..., num_classes), got "
+        f"a pytree {structure}. Pick the logits in fn, e.g. "
+        "lambda k, *args: fn(k, *args)['logits'] or fn(k, *args)[0], or use "
+        "jaxdrop.mc.sample, which stacks any pytree."
+    )
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise TypeError(f"predict needs floating logits from fn, got dtype {logits.dtype}")
+  if logits.ndim < 2:
+    raise ValueError(
+        "predict needs fn to return logits with a class axis (..., num_classes), "
+        f"got a scalar of shape {logits.shape[1:]}"
+    )
 
 
 def expected_calibration_error(
@@ -173,7 +198,7 @@ def expected_calibration_error(
     >>> round(float(jaxdrop.mc.expected_calibration_error(probs, jnp.array([0, 1]))), 4)
     0.35
   """
-  num_bins = _check_count(num_bins, "num_bins")
+  num_bins = _dropout.check_int(num_bins, "num_bins", minimum=1)
   probs = jnp.asarray(probs)
   labels = jnp.asarray(labels)
   if probs.ndim != 2 or labels.shape != probs.shape[:1]:

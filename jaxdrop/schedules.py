@@ -2,12 +2,12 @@
 
 ``jaxdrop.dropout`` takes a traced rate, so a schedule's value can change every
 step without recompiling: pass ``schedule(step)`` as the rate inside a jitted
-train step.
+train step. Steps are int32 in JAX (unless x64 is on), so step arguments must
+be ints in [0, 2**31 - 1]; larger ones are refused when the schedule is built.
 """
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
@@ -19,12 +19,11 @@ from jaxdrop import _dropout
 __all__ = ["constant", "early_dropout", "linear_ramp"]
 
 
+_MAX_STEP = 2**31 - 1  # The largest int32 step.
+
+
 def _check_step(value: Any, name: str) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be an int, got {name}={value!r}")
-  if value < 0:
-    raise ValueError(f"{name} must be >= 0, got {name}={value!r}")
-  return int(value)
+  return _dropout.check_int(value, name, minimum=0, maximum=_MAX_STEP)
 
 
 def _check_rate(rate: Any, name: str) -> float:
@@ -78,6 +77,7 @@ def linear_ramp(
   end = _check_rate(end, "end")
   transition_steps = _check_step(transition_steps, "transition_steps")
   transition_begin = _check_step(transition_begin, "transition_begin")
+  _check_step(transition_begin + transition_steps, "transition_begin + transition_steps")
   if transition_steps == 0:
     # optax would hold `start` forever; a ramp of no steps jumps to `end`.
     return lambda step: jnp.where(

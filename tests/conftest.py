@@ -1,20 +1,67 @@
-"""Shared test setup: warnings are errors (pyproject), plus the helpers here."""
+"""Shared test setup: warnings are errors (pyproject), plus the helpers here.
+
+The oracles below are the tests' own, written from the documented semantics;
+they never call the library's arithmetic (``quantize_rate``, ``resolve_rate``),
+so a wrong library formula cannot agree with them by construction.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 import textwrap
+from typing import Any, Callable, NamedTuple
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+
+import jaxdrop
 
 # Statistical tests allow this many standard deviations: a correct
 # implementation fails one given check about once in 16,000 runs, and the keys
 # are fixed, so a pass is reproducible.
 K_SIGMA = 4.0
+
+
+# ----------------------------------------------------------------------------
+# Oracles.
+
+
+def threshold(rate: float, bits: int = 32) -> int:
+  """The documented integer threshold ``min(round(rate * 2**bits), 2**bits - 1)``."""
+  return min(round(rate * 2**bits), 2**bits - 1)
+
+
+def p_keep(rate: float, bits: int = 32) -> float:
+  """The documented exact keep probability ``(2**bits - t) / 2**bits``."""
+  return (2**bits - threshold(rate, bits)) / 2**bits
+
+
+def reference_keep16(key, shape, rate):
+  """The documented fast-mode mapping: 16-bit lanes of jax.random.bits(..., uint64)."""
+  n = math.prod(shape)
+  with jax.enable_x64(True):
+    words = np.asarray(jax.random.bits(key, (-(-n // 4),), jnp.uint64))
+  index = np.arange(n)
+  shift = (48 - 16 * (index % 4)).astype(np.uint64)
+  lanes = (words[index // 4] >> shift) & np.uint64(0xFFFF)
+  return (lanes >= threshold(rate, 16)).reshape(shape)
+
+
+def assert_binomial_fraction(kept: int, n: int, p: float, k: float = K_SIGMA):
+  """|kept/n - p| <= k·sqrt(p(1-p)/n): a binomial count's k-sigma bound."""
+  sigma = np.sqrt(p * (1 - p) / n)
+  assert abs(kept / n - p) <= k * sigma, (kept, n, p, k * sigma)
+
+
+# ----------------------------------------------------------------------------
+# Fixtures.
 
 
 @pytest.fixture(params=[False, True], ids=["eager", "jit"])
@@ -25,6 +72,16 @@ def use_jit(request):
 
 def maybe_jit(fn, use_jit, **kwargs):
   return jax.jit(fn, **kwargs) if use_jit else fn
+
+
+@pytest.fixture
+def strict_promotion():
+  """No implicit dtype or rank promotion may hide in the library (equinox).
+
+  Use it with ``pytestmark = pytest.mark.usefixtures("strict_promotion")``.
+  """
+  with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+    yield
 
 
 def run_with_devices(code: str, devices: int = 8, timeout: float = 240) -> str:
@@ -50,7 +107,73 @@ def run_with_devices(code: str, devices: int = 8, timeout: float = 240) -> str:
   return result.stdout
 
 
-def assert_binomial_fraction(kept: int, n: int, p: float, k: float = K_SIGMA):
-  """|kept/n - p| <= k·sqrt(p(1-p)/n): a binomial count's k-sigma bound."""
-  sigma = np.sqrt(p * (1 - p) / n)
-  assert abs(kept / n - p) <= k * sigma, (kept, n, p, k * sigma)
+# ----------------------------------------------------------------------------
+# One table of every module, linen and nnx alike, with the pure function each
+# must equal for the same key.
+
+MODULE_RATE = 0.4
+MODULE_X = jnp.asarray(np.random.default_rng(1).standard_normal((8, 4, 4, 16), np.float32))
+
+
+class ModuleCase(NamedTuple):
+  linen: Callable[..., nn.Module]  # linen(rate, **fields) -> module
+  nnx: Callable[..., nnx.Module]  # nnx(rate, rngs, **kwargs) -> module
+  # function(key, x, rate, params, deterministic): what the module must
+  # compute, with params {'kernel': ..., 'bias': ...} for DropConnect, else {}.
+  function: Callable[..., jax.Array]
+
+
+def _dense_with_dropped_kernel(key, x, rate, params, deterministic):
+  """flax's own Dense, run on the kernel that jaxdrop.dropconnect drops."""
+  kernel = jaxdrop.dropconnect(key, params["kernel"], rate, deterministic)
+  dense = nn.Dense(kernel.shape[1])
+  return dense.apply({"params": {"kernel": kernel, "bias": params["bias"]}}, x)
+
+
+MODULES: dict[str, ModuleCase] = {
+    "Dropout": ModuleCase(
+        lambda r, **kw: jaxdrop.linen.Dropout(r, **kw),
+        lambda r, rngs, **kw: jaxdrop.nnx.Dropout(r, rngs=rngs, **kw),
+        lambda k, x, r, p, d: jaxdrop.dropout(k, x, r, d),
+    ),
+    "Dropout_broadcast": ModuleCase(
+        lambda r, **kw: jaxdrop.linen.Dropout(r, broadcast_dims=(1, 2), **kw),
+        lambda r, rngs, **kw: jaxdrop.nnx.Dropout(r, broadcast_dims=(1, 2), rngs=rngs, **kw),
+        lambda k, x, r, p, d: jaxdrop.dropout(k, x, r, d, broadcast_dims=(1, 2)),
+    ),
+    "Dropout_bits16": ModuleCase(
+        lambda r, **kw: jaxdrop.linen.Dropout(r, bits=16, **kw),
+        lambda r, rngs, **kw: jaxdrop.nnx.Dropout(r, bits=16, rngs=rngs, **kw),
+        lambda k, x, r, p, d: jaxdrop.dropout(k, x, r, d, bits=16),
+    ),
+    "SpatialDropout": ModuleCase(
+        lambda r, **kw: jaxdrop.linen.SpatialDropout(r, channel_axis=1, **kw),
+        lambda r, rngs, **kw: jaxdrop.nnx.SpatialDropout(r, channel_axis=1, rngs=rngs, **kw),
+        lambda k, x, r, p, d: jaxdrop.spatial_dropout(k, x, r, d, channel_axis=1),
+    ),
+    "AlphaDropout": ModuleCase(
+        lambda r, **kw: jaxdrop.linen.AlphaDropout(r, **kw),
+        lambda r, rngs, **kw: jaxdrop.nnx.AlphaDropout(r, rngs=rngs, **kw),
+        lambda k, x, r, p, d: jaxdrop.alpha_dropout(k, x, r, d),
+    ),
+    "GaussianDropout": ModuleCase(
+        lambda r, **kw: jaxdrop.linen.GaussianDropout(r, **kw),
+        lambda r, rngs, **kw: jaxdrop.nnx.GaussianDropout(r, rngs=rngs, **kw),
+        lambda k, x, r, p, d: jaxdrop.gaussian_dropout(k, x, r, d),
+    ),
+    "DropPath": ModuleCase(
+        lambda r, **kw: jaxdrop.linen.DropPath(r, batch_axis=1, **kw),
+        lambda r, rngs, **kw: jaxdrop.nnx.DropPath(r, batch_axis=1, rngs=rngs, **kw),
+        lambda k, x, r, p, d: jaxdrop.drop_path(k, x, r, d, batch_axis=1),
+    ),
+    "DropConnect": ModuleCase(
+        lambda r, **kw: jaxdrop.linen.DropConnectDense(8, r, **kw),
+        lambda r, rngs, **kw: jaxdrop.nnx.DropConnectLinear(16, 8, r, rngs=rngs, **kw),
+        _dense_with_dropped_kernel,
+    ),
+}
+
+
+def module_params(module: Any) -> dict[str, jax.Array]:
+  """An nnx module's parameters as a plain dict ({} when it has none)."""
+  return nnx.to_pure_dict(nnx.state(module, nnx.Param))

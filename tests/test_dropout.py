@@ -10,25 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax._src.ad_checkpoint import saved_residuals  # print_saved_residuals' data.
+from jax.ad_checkpoint import checkpoint_name
 from scipy import stats
 
 import jaxdrop
 from jaxdrop import _dropout
 from jaxdrop import _threefry
-from conftest import K_SIGMA, assert_binomial_fraction, maybe_jit
+from conftest import K_SIGMA, assert_binomial_fraction, maybe_jit, p_keep, threshold
 
+pytestmark = pytest.mark.usefixtures("strict_promotion")
 TWO_32 = 2**32
-
-
-@pytest.fixture(autouse=True)
-def strict_promotion():
-  """No implicit dtype or rank promotion may hide in the core (equinox)."""
-  with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-    yield
-
-
-def threshold(rate: float) -> int:
-  return min(round(rate * TWO_32), TWO_32 - 1)
 
 
 def reference(key, x, rate, mask_shape=None):
@@ -123,6 +115,24 @@ def test_keep_probability_is_exact_for_python_floats(rate):
   assert float(resolved.scale) == np.float32(TWO_32 / (TWO_32 - t))
 
 
+@pytest.mark.parametrize("bits", [32, 16, 8])
+@pytest.mark.parametrize("rate", [0.0, 1e-12, 0.1, 1 / 3, 0.5, 0.9, 1 - 1e-12, 1.0])
+def test_quantize_rate_and_keep_probability_follow_the_documented_formula(rate, bits):
+  t, p = _dropout.quantize_rate(rate, bits)
+  assert (t, p) == ((2**bits, 0.0) if rate == 1.0 else (threshold(rate, bits), p_keep(rate, bits)))
+  if bits != 8:  # 8 is for attention masks, not a dropout mode.
+    assert jaxdrop.keep_probability(rate, bits) == p
+
+
+def test_keep_probability_errors():
+  with pytest.raises(ValueError, match="rate=1.5"):
+    jaxdrop.keep_probability(1.5)
+  with pytest.raises(TypeError, match="static"):
+    _dropout.quantize_rate(jnp.float32(0.5), 32)
+  with pytest.raises(ValueError, match="bits=8"):
+    jaxdrop.keep_probability(0.5, bits=8)
+
+
 @pytest.mark.parametrize("rate", [0.1, 0.3, 0.7, 0.9, 1e-3])
 def test_traced_float32_rate_keep_probability_within_2_to_minus_24(rate):
   resolved = jax.jit(_dropout.resolve_rate, static_argnums=1)(jnp.float32(rate), jnp.float32)
@@ -210,9 +220,25 @@ def test_bad_broadcast_dims_raise_value_error(dims, match):
     jaxdrop.dropout(jax.random.key(0), jnp.ones((2, 3, 4)), 0.5, broadcast_dims=dims)
 
 
-def test_broadcast_dims_of_wrong_type_raise_type_error():
+@pytest.mark.parametrize("dims", [(0.5,), 0.5, "0", np.array([0.0]), True], ids=str)
+def test_broadcast_dims_of_wrong_type_raise_type_error(dims):
   with pytest.raises(TypeError, match="broadcast_dims"):
-    jaxdrop.dropout(jax.random.key(0), jnp.ones((2, 3)), 0.5, broadcast_dims=(0.5,))
+    jaxdrop.dropout(jax.random.key(0), jnp.ones((2, 3)), 0.5, broadcast_dims=dims)
+
+
+@pytest.mark.parametrize("dims", [1, [1], np.array([1]), jnp.array([1]), jnp.array(1), np.int64(1)], ids=str)
+def test_broadcast_dims_may_be_an_int_or_an_int_array(dims):
+  key, x = jax.random.key(0), jnp.ones((4, 6))
+  np.testing.assert_array_equal(
+      jaxdrop.dropout(key, x, 0.5, broadcast_dims=dims),
+      jaxdrop.dropout(key, x, 0.5, broadcast_dims=(1,)),
+  )
+
+
+def test_traced_broadcast_dims_raise_type_error():
+  f = jax.jit(lambda dims: jaxdrop.dropout(jax.random.key(0), jnp.ones((2, 3)), 0.5, broadcast_dims=dims))
+  with pytest.raises(TypeError, match="broadcast_dims must be static"):
+    f(jnp.array([1]))
 
 
 # ---------------------------------------------------------------------------
@@ -370,6 +396,12 @@ def test_non_floating_input_raises_type_error(dtype):
     jaxdrop.dropout(jax.random.key(0), jnp.ones(3, dtype), 0.5)
 
 
+@pytest.mark.parametrize("x", [None, "abc", object()], ids=["None", "str", "object"])
+def test_input_that_is_not_an_array_raises_type_error_naming_x(x):
+  with pytest.raises(TypeError, match="x must be a floating array"):
+    jaxdrop.dropout(jax.random.key(0), x, 0.5)
+
+
 def test_missing_key_raises_value_error_saying_how_to_pass_one():
   with pytest.raises(ValueError, match=r"key=None.*jax\.random\.key\(seed\)"):
     jaxdrop.dropout(None, jnp.ones(3), 0.5)
@@ -384,9 +416,14 @@ def test_something_that_is_not_a_key_raises_type_error(key):
     jaxdrop.dropout(key, jnp.ones(3), 0.5)
 
 
-def test_a_batch_of_keys_raises_value_error_pointing_to_vmap():
+@pytest.mark.parametrize(
+    "keys",
+    [jax.random.split(jax.random.key(0), 2), jax.random.split(jax.random.PRNGKey(0), 2)],
+    ids=["typed", "raw"],
+)
+def test_a_batch_of_keys_raises_value_error_pointing_to_vmap(keys):
   with pytest.raises(ValueError, match="vmap"):
-    jaxdrop.dropout(jax.random.split(jax.random.key(0), 2), jnp.ones(3), 0.5)
+    jaxdrop.dropout(keys, jnp.ones(3), 0.5)
 
 
 def test_traced_deterministic_raises_type_error():
@@ -524,6 +561,49 @@ def test_backward_keeps_only_the_key():
     traced = _mlp_step_temp_bytes(lambda key, h: jaxdrop.dropout(key, h, jnp.float32(0.5)))
   assert abs(ours - none) <= 1024, (none, ours)
   assert abs(traced - none) <= 1024, (none, traced)
+
+
+def _named_mlp_loss(layer):
+  """An MLP loss that tags its dense outputs, as a model with remat names would."""
+
+  def loss(params, x, key):
+    h = x
+    for i, (w, b) in enumerate(params):
+      h = checkpoint_name(h @ w + b, "dense")
+      if i < len(params) - 1:
+        h = layer(jax.random.fold_in(key, i), jax.nn.relu(h))
+    return jnp.sum(h)
+
+  return loss
+
+
+def _residuals(loss, policy=None):
+  sizes = [8, 16, 16, 4]
+  params = [(jnp.ones((a, b)), jnp.ones((b,))) for a, b in zip(sizes[:-1], sizes[1:])]
+  fn = loss if policy is None else jax.checkpoint(loss, policy=policy)
+  with jax.numpy_rank_promotion("allow"):  # The MLP broadcasts its biases.
+    return saved_residuals(fn, params, jnp.ones((5, 8)), jax.random.key(0))
+
+
+@pytest.mark.parametrize("bits", [32, 16])
+def test_outputs_carry_the_checkpoint_name_and_a_names_policy_recomputes_them(bits):
+  layer = lambda key, h: jaxdrop.dropout(key, h, 0.5, bits=bits)  # noqa: E731
+  named = f"named {jaxdrop.CHECKPOINT_NAME!r}"
+  # Without checkpointing, the second dense layer's backward keeps the
+  # dropout outputs: one (5, 16) array per hidden layer, under its name.
+  plain = [aval for aval, source in _residuals(_named_mlp_loss(layer)) if named in source]
+  assert [a.shape for a in plain] == [(5, 16), (5, 16)]
+  # A policy can pick exactly those by name...
+  only = jax.checkpoint_policies.save_only_these_names(jaxdrop.CHECKPOINT_NAME)
+  picked = _residuals(_named_mlp_loss(layer), only)
+  assert sum(named in source for _, source in picked) == 2
+  # ...or keep every named value but them: then dropout costs only its key.
+  policy = jax.checkpoint_policies.save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
+  nbytes = lambda residuals: sum(a.size * a.dtype.itemsize for a, _ in residuals)  # noqa: E731
+  ours = _residuals(_named_mlp_loss(layer), policy)
+  none = _residuals(_named_mlp_loss(lambda key, h: h), policy)
+  assert not any(named in source for _, source in ours)
+  assert nbytes(ours) - nbytes(none) == jax.random.key_data(jax.random.key(0)).nbytes
 
 
 def test_mask_size_at_the_fused_limit_uses_jax_random_bits():

@@ -125,6 +125,33 @@ def test_bad_num_samples_or_chunk_size(kwargs, error):
     jaxdrop.mc.predict(noisy_logits, KEY, X, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "fn, error, match",
+    [
+        (lambda k, x: {"logits": noisy_logits(k, x)}, TypeError, r"one array of logits.*\['logits'\]"),
+        (lambda k, x: (noisy_logits(k, x), x), TypeError, r"one array of logits.*\[0\]"),
+        (lambda k, x: noisy_logits(k, x).sum(), ValueError, "class axis"),
+        (lambda k, x: jnp.argmax(noisy_logits(k, x), -1, keepdims=True), TypeError, "floating"),
+    ],
+    ids=["dict", "tuple", "scalar", "integer"],
+)
+def test_predict_says_what_fn_must_return(fn, error, match):
+  with pytest.raises(error, match=match):
+    jaxdrop.mc.predict(fn, KEY, X, num_samples=2)
+  # sample takes any pytree.
+  jax.tree.map(lambda leaf: chex.assert_axis_dimension(leaf, 0, 2), jaxdrop.mc.sample(fn, KEY, X, num_samples=2))
+
+
+@pytest.mark.parametrize(
+    "key, error", [(0, TypeError), (None, ValueError), (jax.random.split(KEY, 2), ValueError)],
+    ids=["int", "None", "batch"],
+)
+def test_key_that_is_not_one_key_is_a_named_error(key, error):
+  for fn in (jaxdrop.mc.sample, jaxdrop.mc.predict):
+    with pytest.raises(error, match="key"):
+      fn(noisy_logits, key, X, num_samples=2)
+
+
 def test_expected_calibration_error_hand_computed():
   # Confidences 0.9, 0.55, 0.7, 0.51 in 5 bins of width 0.2:
   #   (0.8, 1]: 0.9, correct         -> |1 - 0.9|   = 0.1, 1 example

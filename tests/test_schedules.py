@@ -23,6 +23,11 @@ def test_constant():
   assert float(rate) == 0.25
 
 
+def test_the_largest_int32_step_is_accepted():
+  schedule = schedules.early_dropout(0.5, until_step=2**31 - 1)
+  assert values(schedule, [0, 2**31 - 2]) == [0.5, 0.5]
+
+
 def test_early_dropout_values():
   schedule = schedules.early_dropout(0.5, until_step=100)
   assert values(schedule, [0, 1, 99, 100, 101, 10_000]) == [0.5, 0.5, 0.5, 0.0, 0.0, 0.0]
@@ -60,6 +65,10 @@ def test_linear_ramp_of_no_steps_jumps_to_the_end():
         (lambda: schedules.linear_ramp(2.0, 0.1, 10), ValueError, "start"),
         (lambda: schedules.linear_ramp(0.0, 0.1, -1), ValueError, "transition_steps"),
         (lambda: schedules.linear_ramp(0.0, 0.1, 10, 2.5), TypeError, "transition_begin"),
+        # Steps are int32: a bound past 2**31 - 1 could never be compared.
+        (lambda: schedules.early_dropout(0.1, until_step=2**40), ValueError, "until_step"),
+        (lambda: schedules.linear_ramp(0.0, 0.1, 2**31), ValueError, "transition_steps"),
+        (lambda: schedules.linear_ramp(0.0, 0.1, 2**30, 2**30), ValueError, "transition_begin"),
     ],
 )
 def test_bad_arguments(make, error, name):
