@@ -15,21 +15,29 @@ traced (a schedule's value) without recompiling.
 * :func:`drop_path` drops whole residual branches per example (stochastic
   depth; Huang et al. 2016), with :func:`drop_path_rates` for the per-block
   rates.
-* :func:`dropconnect` drops weights instead of activations (Wan et al. 2013).
+* :func:`dropconnect` drops weights instead of activations (Wan et al. 2013),
+  and :func:`dropconnect_dense` is a dense layer with a dropped kernel.
+
+Every output that is not the input itself carries the checkpoint name
+:data:`jaxdrop.CHECKPOINT_NAME`, as :func:`jaxdrop.dropout`'s does.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
+from jaxdrop._dropout import CHECKPOINT_NAME
 from jaxdrop._dropout import check_deterministic
 from jaxdrop._dropout import check_input
+from jaxdrop._dropout import check_int
 from jaxdrop._dropout import compute_dtype
 from jaxdrop._dropout import dropout
 from jaxdrop._dropout import keep_mask
@@ -45,11 +53,7 @@ ALPHA_PRIME = -1.0507009873554805 * 1.6732632423543772  # -1.7580993408473766
 
 def _axis(axis: Any, ndim: int, name: str) -> int:
   """One validated, non-negative axis of an ``ndim``-dimensional input."""
-  if isinstance(axis, (bool, np.bool_)) or not isinstance(
-      axis, (numbers.Integral, np.integer)
-  ):
-    raise TypeError(f"{name} must be an int, got {name}={axis!r}")
-  return normalize_axes(axis, ndim, name)[0]
+  return normalize_axes(check_int(axis, name), ndim, name)[0]
 
 
 def _all_but(ndim: int, *axes: int) -> tuple[int, ...]:
@@ -168,7 +172,19 @@ def alpha_dropout(
   if fixed == 1.0:
     return jnp.zeros_like(x)
   keep = keep_mask(key, x.shape, rate)
-  resolved = resolve_rate(rate, x.dtype)
+  return checkpoint_name(_alpha_kernel(keep, x, *_rate_operand(rate, fixed)), CHECKPOINT_NAME)
+
+
+def _rate_operand(rate: Any, fixed: float | None) -> tuple[Any, float | None]:
+  """``(array rate or None, static rate or None)``: the kernels' rate arguments."""
+  return (None, fixed) if fixed is not None else (rate, None)
+
+
+# The kernels below are jitted, as jaxdrop.dropout's is, so that an eager call
+# runs the same compiled arithmetic as a call inside jit: bitwise equal results.
+@partial(jax.jit, static_argnames=("fixed_rate",))
+def _alpha_kernel(keep, x, rate, fixed_rate):
+  resolved = resolve_rate(rate if fixed_rate is None else fixed_rate, x.dtype)
   # q = p_keep = 1 / scale. A traced rate of 1 has scale 0: use q = 1 there
   # (a = 1, b = 0) so nothing is infinite, then output 0 below.
   q = jnp.where(resolved.keep_any, 1 / resolved.scale, 1)
@@ -236,9 +252,15 @@ def gaussian_dropout(
   if check_deterministic(deterministic) or fixed == 0.0:
     return x
   key_data, impl = split_key(key)
+  y = _gaussian_kernel(key_data, x, *_rate_operand(rate, fixed), impl=impl)
+  return checkpoint_name(y, CHECKPOINT_NAME)
+
+
+@partial(jax.jit, static_argnames=("fixed_rate", "impl"))
+def _gaussian_kernel(key_data, x, rate, fixed_rate, impl):
   dtype = compute_dtype(x.dtype)
-  if fixed is not None:
-    sigma = jnp.asarray(math.sqrt(fixed / (1 - fixed)), dtype)
+  if fixed_rate is not None:
+    sigma = jnp.asarray(math.sqrt(fixed_rate / (1 - fixed_rate)), dtype)
   else:
     rate = jax.lax.stop_gradient(jnp.asarray(rate)).astype(dtype)
     valid = (rate >= 0) & (rate < 1)  # False for NaN.
@@ -315,16 +337,11 @@ def drop_path_rates(num_blocks: int, max_rate: float) -> list[float]:
     >>> jaxdrop.drop_path_rates(5, 0.2)
     [0.0, 0.05, 0.1, 0.15000000000000002, 0.2]
   """
-  if isinstance(num_blocks, (bool, np.bool_)) or not isinstance(
-      num_blocks, (numbers.Integral, np.integer)
-  ):
-    raise TypeError(f"num_blocks must be an int, got num_blocks={num_blocks!r}")
-  if num_blocks < 0:
-    raise ValueError(f"num_blocks must be >= 0, got num_blocks={num_blocks!r}")
+  num_blocks = check_int(num_blocks, "num_blocks", minimum=0)
   fixed = static_rate(max_rate, "max_rate")
   if fixed is None:
     raise TypeError(f"max_rate must be a Python float in [0, 1], got max_rate={max_rate!r}")
-  return [float(r) for r in np.linspace(0.0, fixed, int(num_blocks))]
+  return [float(r) for r in np.linspace(0.0, fixed, num_blocks)]
 
 
 def dropconnect(
@@ -367,3 +384,76 @@ def dropconnect(
   """
   kernel = check_input(kernel, "kernel")
   return dropout(key, kernel, rate, deterministic)
+
+
+def dropconnect_dense(
+    key: jax.typing.ArrayLike | None,
+    x: jax.typing.ArrayLike,
+    kernel: jax.typing.ArrayLike,
+    bias: jax.typing.ArrayLike | None,
+    rate: float | jax.typing.ArrayLike,
+    deterministic: bool = False,
+    *,
+    dtype: Any = None,
+    precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
+  """A dense layer whose kernel is dropped by :func:`dropconnect`.
+
+  ``y = x @ dropconnect(key, kernel, rate) + bias``, contracting the last axis
+  of ``x`` with the first of ``kernel``, as ``flax.linen.Dense`` and
+  ``flax.nnx.Linear`` compute it: ``x``, the kernel and the bias are first
+  cast to ``dtype`` (default: their common result type). One mask per call
+  is shared by the whole batch; the bias is not dropped.
+
+  Args:
+    key: a PRNG key; may be None when ``deterministic`` is True.
+    x: the input, ``(..., in_features)``.
+    kernel: the weights, ``(in_features, out_features)``.
+    bias: ``(out_features,)``, or None for no bias.
+    rate: probability to drop each weight, as for :func:`jaxdrop.dropout`.
+    deterministic: if True, use the kernel unmasked.
+    dtype: the computation dtype, or None.
+    precision: the precision of the matrix product.
+
+  Returns:
+    ``(..., out_features)``.
+
+  Raises:
+    ValueError: a static ``rate`` outside [0, 1]; ``key`` is None while
+      active; ``kernel`` or ``bias`` of the wrong rank.
+    TypeError: ``kernel`` is not floating; ``key`` is not a PRNG key.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxdrop
+    >>> y = jaxdrop.dropconnect_dense(None, jnp.ones((2, 3)), jnp.ones((3, 4)),
+    ...                               jnp.zeros(4), 0.5, deterministic=True)
+    >>> y
+    Array([[3., 3., 3., 3.],
+           [3., 3., 3., 3.]], dtype=float32)
+  """
+  kernel = dropconnect(key, kernel, rate, deterministic)
+  if kernel.ndim != 2:
+    raise ValueError(f"kernel must be (in_features, out_features), got kernel.shape={kernel.shape}")
+  operands = [jnp.asarray(x), kernel] + ([] if bias is None else [jnp.asarray(bias)])
+  if bias is not None and operands[2].shape != kernel.shape[1:]:
+    raise ValueError(
+        f"bias must be (out_features,) = {kernel.shape[1:]}, got bias.shape={operands[2].shape}"
+    )
+  dtype = jnp.result_type(*operands) if dtype is None else dtype
+  x, kernel, *bias_ = (operand.astype(dtype) for operand in operands)
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+  if bias_:
+    y = y + jnp.reshape(bias_[0], (1,) * (y.ndim - 1) + (-1,))
+  return y
+
+
+# The static rate check of each pure function whose rule differs from
+# jaxdrop.dropout's; the linen and nnx modules read it from here.
+_RATE_CHECKS: dict[Callable[..., jax.Array], Callable[[Any], float | None]] = {
+    gaussian_dropout: check_gaussian_rate,
+}
+
+
+def rate_check(function: Callable[..., jax.Array]) -> Callable[[Any], float | None]:
+  """The check a module applies to its ``rate`` at construction."""
+  return _RATE_CHECKS.get(function, static_rate)

@@ -1,14 +1,30 @@
 """Flax linen modules: drop-in replacements for ``flax.linen.Dropout``.
 
 The modules hold no mathematics: they resolve ``deterministic`` and the key,
-then call the pure functions in :mod:`jaxdrop`. Unlike flax, a missing rng
-stream is an error, never a silent fallback to the ``'params'`` stream.
+then call the pure functions in :mod:`jaxdrop`. Every module here has these
+fields and call arguments, as ``flax.linen.Dropout`` does:
+
+* ``rate``: the probability to **drop**; a float checked at construction, or
+  a scalar array (e.g. a schedule's value) that may be traced.
+* ``deterministic`` (field) and ``deterministic`` (call argument): if True,
+  the layer is the identity (DropConnect: uses its kernel unmasked). As in
+  flax, exactly one of the two must be set (``nn.merge_param``); it must be a
+  Python bool.
+* ``rng_collection``: the rng stream the key is drawn from (``'dropout'``);
+  the call argument ``rng=key`` passes a key directly instead.
+
+Differences from flax, each an error that says what to do: a missing rng
+stream is an error, never a silent fallback to the ``'params'`` stream (which
+would reuse initialization randomness), so a model initialized in training
+mode needs ``model.init({'params': k1, 'dropout': k2}, ...)``; a
+``deterministic`` that is not a Python bool and a non-floating input are
+``TypeError`` s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -16,12 +32,14 @@ import jax.numpy as jnp
 
 from jaxdrop import _dropout
 from jaxdrop import _variants
+from jaxdrop._attention.flax_compat import linen_dot_product_attention as dot_product_attention
 
 __all__ = [
     "AlphaDropout",
     "DropConnectDense",
     "DropPath",
     "Dropout",
+    "dot_product_attention",
     "GaussianDropout",
     "SpatialDropout",
 ]
@@ -50,23 +68,26 @@ class _Stochastic(nn.Module):
   """Flag and key plumbing shared by the modules here; the math is elsewhere.
 
   A subclass declares the fields ``rate``, ``deterministic`` and
-  ``rng_collection`` (plus its own) and implements ``_apply(rng, inputs,
-  deterministic)`` by calling its pure function.
+  ``rng_collection`` (plus its own), its pure ``function(key, x, rate,
+  deterministic, **options)`` and, if it has any, ``_options()``.
   """
 
-  def _check_fields(self) -> None:
-    _dropout.static_rate(self.rate)
+  function: ClassVar[Callable[..., jax.Array]]
 
   def __post_init__(self):
-    self._check_fields()
+    _variants.rate_check(type(self).function)(self.rate)
     super().__post_init__()
+
+  def _options(self) -> dict[str, Any]:
+    """Keyword arguments of ``function`` besides its key, input, rate and flag."""
+    return {}
 
   def _flag_and_key(
       self, deterministic: bool | None, rng: jax.Array | None
   ) -> tuple[bool, jax.Array | None]:
     """Merges ``deterministic`` as flax does; draws a key only when one is used."""
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    if rng is None and _dropout.needs_key(self.rate, deterministic):
+    if rng is None and _dropout.needs_key(self.rate, _dropout.check_deterministic(deterministic)):
       rng = dropout_key(self, self.rng_collection)
     return deterministic, rng
 
@@ -89,7 +110,7 @@ class _Stochastic(nn.Module):
       The transformed inputs (the inputs themselves when deterministic).
     """
     deterministic, rng = self._flag_and_key(deterministic, rng)
-    return self._apply(rng, inputs, deterministic)
+    return type(self).function(rng, inputs, self.rate, deterministic, **self._options())
 
 
 class Dropout(_Stochastic):
@@ -101,12 +122,10 @@ class Dropout(_Stochastic):
   ``1 / p_keep``.
 
   Attributes:
-    rate: probability to drop; a float in [0, 1], or a scalar array (e.g. a
-      schedule's value passed through ``apply``) that may be traced.
+    rate: probability to drop an element.
     broadcast_dims: axes that share the same mask.
-    deterministic: if True, return the input unchanged. Merged with the call
-      argument as in flax: exactly one of the two must be set.
-    rng_collection: the rng stream the key is drawn from.
+    deterministic: see the module docstring.
+    rng_collection: see the module docstring.
     bits: 32 (default) or 16 for the fast mode; see :func:`jaxdrop.dropout`.
 
   Examples:
@@ -124,19 +143,14 @@ class Dropout(_Stochastic):
   rng_collection: str = "dropout"
   bits: int = 32
 
-  def _check_fields(self) -> None:
-    super()._check_fields()
-    _dropout.check_bits(self.bits)
+  function = staticmethod(_dropout.dropout)
 
-  def _apply(self, rng, inputs, deterministic):
-    return _dropout.dropout(
-        rng,
-        inputs,
-        self.rate,
-        deterministic,
-        broadcast_dims=self.broadcast_dims,
-        bits=self.bits,
-    )
+  def __post_init__(self):
+    _dropout.check_bits(self.bits)
+    super().__post_init__()
+
+  def _options(self):
+    return {"broadcast_dims": self.broadcast_dims, "bits": self.bits}
 
 
 # ----------------------------------------------------------------------------
@@ -152,12 +166,11 @@ class SpatialDropout(_Stochastic):
   scaled by ``1 / p_keep``.
 
   Attributes:
-    rate: probability to drop a channel; a float in [0, 1] or a scalar array.
+    rate: probability to drop a channel.
     channel_axis: the channel axis (-1 for NHWC, 1 for NCHW).
     batch_axis: the example axis, or None for unbatched inputs.
-    deterministic: if True, return the input unchanged; exactly one of this
-      field and the call argument must be set.
-    rng_collection: the rng stream the key is drawn from.
+    deterministic: see the module docstring.
+    rng_collection: see the module docstring.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxdrop
@@ -173,15 +186,10 @@ class SpatialDropout(_Stochastic):
   deterministic: bool | None = None
   rng_collection: str = "dropout"
 
-  def _apply(self, rng, inputs, deterministic):
-    return _variants.spatial_dropout(
-        rng,
-        inputs,
-        self.rate,
-        deterministic,
-        channel_axis=self.channel_axis,
-        batch_axis=self.batch_axis,
-    )
+  function = staticmethod(_variants.spatial_dropout)
+
+  def _options(self):
+    return {"channel_axis": self.channel_axis, "batch_axis": self.batch_axis}
 
 
 class AlphaDropout(_Stochastic):
@@ -191,10 +199,9 @@ class AlphaDropout(_Stochastic):
   mean 0 and variance 1 for standardized inputs.
 
   Attributes:
-    rate: probability to drop a unit; a float in [0, 1] or a scalar array.
-    deterministic: if True, return the input unchanged; exactly one of this
-      field and the call argument must be set.
-    rng_collection: the rng stream the key is drawn from.
+    rate: probability to drop a unit.
+    deterministic: see the module docstring.
+    rng_collection: see the module docstring.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxdrop
@@ -207,19 +214,16 @@ class AlphaDropout(_Stochastic):
   deterministic: bool | None = None
   rng_collection: str = "dropout"
 
-  def _apply(self, rng, inputs, deterministic):
-    return _variants.alpha_dropout(rng, inputs, self.rate, deterministic)
+  function = staticmethod(_variants.alpha_dropout)
 
 
 class GaussianDropout(_Stochastic):
   """Multiplicative N(1, rate / (1 - rate)) noise; see :func:`jaxdrop.gaussian_dropout`.
 
   Attributes:
-    rate: the dropout rate whose variance the noise matches; a float in
-      [0, 1) or a scalar array.
-    deterministic: if True, return the input unchanged; exactly one of this
-      field and the call argument must be set.
-    rng_collection: the rng stream the key is drawn from.
+    rate: the dropout rate whose variance the noise matches, below 1.
+    deterministic: see the module docstring.
+    rng_collection: see the module docstring.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxdrop
@@ -234,11 +238,7 @@ class GaussianDropout(_Stochastic):
   deterministic: bool | None = None
   rng_collection: str = "dropout"
 
-  def _check_fields(self) -> None:
-    _variants.check_gaussian_rate(self.rate)
-
-  def _apply(self, rng, inputs, deterministic):
-    return _variants.gaussian_dropout(rng, inputs, self.rate, deterministic)
+  function = staticmethod(_variants.gaussian_dropout)
 
 
 class DropPath(_Stochastic):
@@ -249,12 +249,10 @@ class DropPath(_Stochastic):
   ``x + DropPath(rate)(f(x))``, with rates from :func:`jaxdrop.drop_path_rates`.
 
   Attributes:
-    rate: probability to drop an example's branch; a float in [0, 1] or a
-      scalar array.
+    rate: probability to drop an example's branch.
     batch_axis: the example axis.
-    deterministic: if True, return the input unchanged; exactly one of this
-      field and the call argument must be set.
-    rng_collection: the rng stream the key is drawn from.
+    deterministic: see the module docstring.
+    rng_collection: see the module docstring.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxdrop
@@ -269,14 +267,14 @@ class DropPath(_Stochastic):
   deterministic: bool | None = None
   rng_collection: str = "dropout"
 
-  def _apply(self, rng, inputs, deterministic):
-    return _variants.drop_path(
-        rng, inputs, self.rate, deterministic, batch_axis=self.batch_axis
-    )
+  function = staticmethod(_variants.drop_path)
+
+  def _options(self):
+    return {"batch_axis": self.batch_axis}
 
 
 class DropConnectDense(_Stochastic):
-  """``nn.Dense`` whose kernel is masked by :func:`jaxdrop.dropconnect` each call.
+  """``nn.Dense`` whose kernel is masked each call; see :func:`jaxdrop.dropconnect_dense`.
 
   The parameters (``kernel``, ``bias``) are those of ``flax.linen.Dense``, so
   the two load each other's variables. Each call drops every weight with
@@ -285,16 +283,15 @@ class DropConnectDense(_Stochastic):
 
   Attributes:
     features: the number of output features.
-    rate: probability to drop a weight; a float in [0, 1] or a scalar array.
+    rate: probability to drop a weight.
     use_bias: whether to add a bias.
     dtype: the computation dtype (default: inferred from inputs and params).
     param_dtype: the dtype of the parameters.
     precision: the precision of the matrix product.
     kernel_init: the kernel initializer.
     bias_init: the bias initializer.
-    deterministic: if True, use the kernel unmasked; exactly one of this
-      field and the call argument must be set.
-    rng_collection: the rng stream the key is drawn from.
+    deterministic: see the module docstring (True: the kernel unmasked).
+    rng_collection: see the module docstring.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxdrop
@@ -318,6 +315,8 @@ class DropConnectDense(_Stochastic):
   deterministic: bool | None = None
   rng_collection: str = "dropout"
 
+  function = staticmethod(_variants.dropconnect_dense)
+
   @nn.compact
   def __call__(
       self,
@@ -334,11 +333,7 @@ class DropConnectDense(_Stochastic):
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     deterministic, rng = self._flag_and_key(deterministic, rng)
-    kernel = _variants.dropconnect(rng, kernel, self.rate, deterministic)
-    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    y = jax.lax.dot_general(
-        inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision
+    return _variants.dropconnect_dense(
+        rng, inputs, kernel, bias, self.rate, deterministic,
+        dtype=self.dtype, precision=self.precision,
     )
-    if bias is not None:
-      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return y

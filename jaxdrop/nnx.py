@@ -1,28 +1,51 @@
 """Flax NNX modules: drop-in replacements for ``flax.nnx.Dropout``.
 
 Like :mod:`jaxdrop.linen`, the modules only resolve ``deterministic`` and the
-key, then call the pure functions. ``model.train()``, ``model.eval()`` and
-``nnx.view(model, deterministic=...)`` work as they do for flax's modules. A
-missing rng stream is an error: jaxdrop does not fall back to another stream.
+key, then call the pure functions. Every module here takes these constructor
+and call arguments, as ``flax.nnx.Dropout`` does:
+
+* ``rate``: the probability to **drop**, checked at construction.
+* ``deterministic``: if True, the layer is the identity (DropConnect: uses its
+  kernel unmasked). The call argument overrides the constructor's, and
+  ``model.train()``, ``model.eval()`` and ``nnx.view(model,
+  deterministic=...)`` set it. It must be a Python bool.
+* ``rng_collection``: the name of the stream keys come from (``'dropout'``).
+* ``rngs`` (constructor): an ``nnx.Rngs``, whose ``rng_collection`` stream is
+  forked here, falling back to its ``'default'`` stream as in flax (so
+  ``nnx.Rngs(0)`` works and parameter initialization never reuses a dropout
+  key); an ``nnx.RngStream`` (forked); or None, to pass keys at call time.
+* ``rngs`` (call): overrides the module's stream for one call: an
+  ``nnx.Rngs`` (its ``rng_collection`` stream, else ``'default'``), an
+  ``nnx.RngStream`` or a key.
+
+Differences from flax: an ``nnx.Rngs`` with neither the named stream nor a
+``'default'`` one is a ``ValueError`` that lists the options (flax: a
+``KeyError``); a ``deterministic`` that is not a Python bool, and a
+non-floating input, are ``TypeError`` s; a call that raises leaves the
+stream's count unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.module import first_from
 
 from jaxdrop import _dropout
 from jaxdrop import _variants
+from jaxdrop._attention.flax_compat import nnx_dot_product_attention as dot_product_attention
 
 __all__ = [
     "AlphaDropout",
-    "DropConnectDense",
+    "DropConnectLinear",
     "DropPath",
     "Dropout",
+    "dot_product_attention",
     "GaussianDropout",
     "SpatialDropout",
 ]
@@ -34,50 +57,48 @@ _DETERMINISTIC_HELP = (
     "  3. use model.train() / model.eval(), or "
     "nnx.view(model, deterministic=True/False)."
 )
+_NO_STREAM_HELP = (
+    "{cls} is active (deterministic=False) but has no rng stream. Options:\n"
+    "  1. pass rngs=nnx.Rngs(seed) or nnx.Rngs({name}=seed) to the constructor;\n"
+    "  2. pass rngs=... (an Rngs, an RngStream or a key) to the call;\n"
+    "  3. use deterministic=True, model.eval() or "
+    "nnx.view(model, deterministic=True)."
+)
 
 
 def stream_of(rngs: Any, rng_collection: str, owner: str) -> nnx.RngStream | None:
-  """The ``rng_collection`` stream of ``rngs`` (an Rngs, an RngStream or None)."""
+  """The ``rng_collection`` stream of ``rngs``, else its ``'default'`` one, as in flax.
+
+  ``rngs`` is an ``nnx.Rngs``, an ``nnx.RngStream`` (returned as is) or None.
+  """
   if rngs is None or isinstance(rngs, nnx.RngStream):
     return rngs
   if isinstance(rngs, nnx.Rngs):
-    if rng_collection not in rngs:
+    try:
+      return rngs[rng_collection]
+    except KeyError:
       raise ValueError(
-          f"{owner} needs an rng stream named {rng_collection!r}, but the Rngs "
-          f"given has only {sorted(rngs)}. Create it explicitly, e.g. "
-          f"nnx.Rngs(params=0, {rng_collection}=1); jaxdrop does not fall back "
-          "to the 'default' or 'params' stream."
-      )
-    return rngs[rng_collection]
+          f"{owner} needs an rng stream named {rng_collection!r} or 'default', "
+          f"but the Rngs given has only {sorted(rngs)}. Options:\n"
+          f"  1. nnx.Rngs(seed): one 'default' stream that every module forks;\n"
+          f"  2. nnx.Rngs(params=0, {rng_collection}=1): a stream of its own;\n"
+          f"  3. rng_collection=<one of {sorted(rngs)}>."
+      ) from None
   raise TypeError(
-      f"rngs must be an nnx.Rngs, an nnx.RngStream, a key or None, got "
-      f"{type(rngs).__name__}"
+      f"rngs must be an nnx.Rngs, an nnx.RngStream or None, got "
+      f"rngs={rngs!r} of type {type(rngs).__name__}"
   )
-
-
-def call_key(
-    rngs: Any, own: nnx.RngStream | None, rng_collection: str, owner: str
-) -> jax.Array:
-  """A fresh key from the call's ``rngs`` (or a key), else the module's stream."""
-  if isinstance(rngs, jax.Array):
-    return rngs
-  stream = stream_of(rngs, rng_collection, owner) or own
-  if stream is None:
-    raise ValueError(
-        f"{owner} is active (deterministic=False) but has no rng stream: pass "
-        f"rngs=nnx.Rngs({rng_collection}=seed) to the constructor, or "
-        "rngs=... (an Rngs, RngStream or key) to the call, or use "
-        "deterministic=True / model.eval()."
-    )
-  return stream()
 
 
 class _Stochastic:
   """Flag and key plumbing shared by every module here; the math is elsewhere.
 
-  A subclass calls ``_init_stochastic`` from its constructor and implements
-  ``_apply(key, inputs, deterministic)`` by calling its pure function.
+  A subclass declares its pure ``function(key, x, rate, deterministic,
+  **options)``, calls ``_init_stochastic`` from its constructor and, if it
+  has options, defines ``_options()``; or it overrides ``_apply``.
   """
+
+  function: ClassVar[Callable[..., jax.Array]]
 
   def _init_stochastic(
       self,
@@ -85,29 +106,20 @@ class _Stochastic:
       deterministic: bool | None,
       rng_collection: str,
       rngs: nnx.Rngs | nnx.RngStream | None,
-      check_rate: Any = _dropout.static_rate,
   ):
-    check_rate(rate)
+    _variants.rate_check(type(self).function)(rate)
     self.rate = rate
     self.deterministic = deterministic
     self.rng_collection = rng_collection
     stream = stream_of(rngs, rng_collection, type(self).__name__)
     self.rngs = nnx.data(None if stream is None else stream.fork())
 
-  def _flag_and_key(
-      self, deterministic: bool | None, rngs: Any
-  ) -> tuple[bool, jax.Array | None]:
-    """The call's flag (else the module's) and a key when one is used."""
-    for flag in (deterministic, self.deterministic):
-      if flag is not None:
-        deterministic = flag
-        break
-    else:
-      raise ValueError(_DETERMINISTIC_HELP.format(cls=type(self).__name__))
-    key = None
-    if _dropout.needs_key(self.rate, deterministic):
-      key = call_key(rngs, self.rngs, self.rng_collection, type(self).__name__)
-    return deterministic, key
+  def _options(self) -> dict[str, Any]:
+    """Keyword arguments of ``function`` besides its key, input, rate and flag."""
+    return {}
+
+  def _apply(self, key: jax.Array | None, inputs: Any, deterministic: bool) -> jax.Array:
+    return type(self).function(key, inputs, self.rate, deterministic, **self._options())
 
   def __call__(
       self,
@@ -127,8 +139,28 @@ class _Stochastic:
     Returns:
       The transformed inputs (the inputs themselves when deterministic).
     """
-    deterministic, key = self._flag_and_key(deterministic, rngs)
-    return self._apply(key, inputs, deterministic)
+    name = type(self).__name__
+    deterministic = _dropout.check_deterministic(
+        first_from(
+            deterministic, self.deterministic, error_msg=_DETERMINISTIC_HELP.format(cls=name)
+        )
+    )
+    if not _dropout.needs_key(self.rate, deterministic):
+      return self._apply(None, inputs, deterministic)
+    rngs = first_from(
+        rngs,
+        self.rngs,
+        error_msg=_NO_STREAM_HELP.format(cls=name, name=self.rng_collection),
+    )
+    if isinstance(rngs, jax.Array):
+      return self._apply(rngs, inputs, deterministic)
+    stream = stream_of(rngs, self.rng_collection, name)
+    count = stream.count[...]
+    try:
+      return self._apply(stream(), inputs, deterministic)
+    except Exception:
+      stream.count[...] = count  # A failed call does not advance the stream.
+      raise
 
   def set_view(self, deterministic: bool | None = None):
     """Used by ``nnx.view``: sets ``deterministic`` when given."""
@@ -144,19 +176,17 @@ class Dropout(_Stochastic, nnx.Module):
   scaled by ``1 / p_keep``.
 
   Args:
-    rate: probability to drop, a float in [0, 1].
-    broadcast_dims: axes that share the same mask.
-    deterministic: if True, return the input unchanged; the call argument,
-      ``model.train()/eval()`` and ``nnx.view`` override it.
-    rng_collection: the name of the rng stream to take keys from.
-    rngs: an ``nnx.Rngs`` holding that stream (forked here), an
-      ``nnx.RngStream``, or None to pass keys at call time.
+    rate: probability to drop an element, a float in [0, 1].
+    broadcast_dims: axes that share the same mask (an int or ints).
+    deterministic: see the module docstring.
+    rng_collection: see the module docstring.
+    rngs: see the module docstring.
     bits: 32 (default) or 16 for the fast mode; see :func:`jaxdrop.dropout`.
 
   Examples:
     >>> import jax.numpy as jnp, jaxdrop
     >>> from flax import nnx
-    >>> layer = jaxdrop.nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=0))
+    >>> layer = jaxdrop.nnx.Dropout(0.5, rngs=nnx.Rngs(0))
     >>> y = layer(jnp.ones(4))
     >>> bool(jnp.all((y == 0) | (y == 2)))
     True
@@ -176,18 +206,15 @@ class Dropout(_Stochastic, nnx.Module):
       bits: int = 32,
   ):
     self.bits = _dropout.check_bits(bits)
-    self.broadcast_dims = tuple(broadcast_dims)
+    self.broadcast_dims = _dropout.static_ints(
+        broadcast_dims, "broadcast_dims", "an int or a sequence of ints"
+    )
     self._init_stochastic(rate, deterministic, rng_collection, rngs)
 
-  def _apply(self, key, inputs, deterministic):
-    return _dropout.dropout(
-        key,
-        inputs,
-        self.rate,
-        deterministic,
-        broadcast_dims=self.broadcast_dims,
-        bits=self.bits,
-    )
+  function = staticmethod(_dropout.dropout)
+
+  def _options(self):
+    return {"broadcast_dims": self.broadcast_dims, "bits": self.bits}
 
 
 class SpatialDropout(_Stochastic, nnx.Module):
@@ -201,11 +228,9 @@ class SpatialDropout(_Stochastic, nnx.Module):
     rate: probability to drop a channel, a float in [0, 1].
     channel_axis: the channel axis (-1 for NHWC, 1 for NCHW).
     batch_axis: the example axis, or None for unbatched inputs.
-    deterministic: if True, return the input unchanged; the call argument,
-      ``model.train()/eval()`` and ``nnx.view`` override it.
-    rng_collection: the name of the rng stream to take keys from.
-    rngs: an ``nnx.Rngs`` holding that stream (forked here), an
-      ``nnx.RngStream``, or None to pass keys at call time.
+    deterministic: see the module docstring.
+    rng_collection: see the module docstring.
+    rngs: see the module docstring.
 
   Examples:
     >>> import jax.numpy as jnp, jaxdrop
@@ -230,15 +255,10 @@ class SpatialDropout(_Stochastic, nnx.Module):
     self.batch_axis = batch_axis
     self._init_stochastic(rate, deterministic, rng_collection, rngs)
 
-  def _apply(self, key, inputs, deterministic):
-    return _variants.spatial_dropout(
-        key,
-        inputs,
-        self.rate,
-        deterministic,
-        channel_axis=self.channel_axis,
-        batch_axis=self.batch_axis,
-    )
+  function = staticmethod(_variants.spatial_dropout)
+
+  def _options(self):
+    return {"channel_axis": self.channel_axis, "batch_axis": self.batch_axis}
 
 
 class AlphaDropout(_Stochastic, nnx.Module):
@@ -246,11 +266,9 @@ class AlphaDropout(_Stochastic, nnx.Module):
 
   Args:
     rate: probability to drop a unit, a float in [0, 1].
-    deterministic: if True, return the input unchanged; the call argument,
-      ``model.train()/eval()`` and ``nnx.view`` override it.
-    rng_collection: the name of the rng stream to take keys from.
-    rngs: an ``nnx.Rngs`` holding that stream (forked here), an
-      ``nnx.RngStream``, or None to pass keys at call time.
+    deterministic: see the module docstring.
+    rng_collection: see the module docstring.
+    rngs: see the module docstring.
 
   Examples:
     >>> import jax.numpy as jnp, jaxdrop
@@ -271,8 +289,7 @@ class AlphaDropout(_Stochastic, nnx.Module):
   ):
     self._init_stochastic(rate, deterministic, rng_collection, rngs)
 
-  def _apply(self, key, inputs, deterministic):
-    return _variants.alpha_dropout(key, inputs, self.rate, deterministic)
+  function = staticmethod(_variants.alpha_dropout)
 
 
 class GaussianDropout(_Stochastic, nnx.Module):
@@ -280,11 +297,9 @@ class GaussianDropout(_Stochastic, nnx.Module):
 
   Args:
     rate: the dropout rate whose variance the noise matches, in [0, 1).
-    deterministic: if True, return the input unchanged; the call argument,
-      ``model.train()/eval()`` and ``nnx.view`` override it.
-    rng_collection: the name of the rng stream to take keys from.
-    rngs: an ``nnx.Rngs`` holding that stream (forked here), an
-      ``nnx.RngStream``, or None to pass keys at call time.
+    deterministic: see the module docstring.
+    rng_collection: see the module docstring.
+    rngs: see the module docstring.
 
   Examples:
     >>> import jax.numpy as jnp, jaxdrop
@@ -302,12 +317,9 @@ class GaussianDropout(_Stochastic, nnx.Module):
       rng_collection: str = "dropout",
       rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
-    self._init_stochastic(
-        rate, deterministic, rng_collection, rngs, check_rate=_variants.check_gaussian_rate
-    )
+    self._init_stochastic(rate, deterministic, rng_collection, rngs)
 
-  def _apply(self, key, inputs, deterministic):
-    return _variants.gaussian_dropout(key, inputs, self.rate, deterministic)
+  function = staticmethod(_variants.gaussian_dropout)
 
 
 class DropPath(_Stochastic, nnx.Module):
@@ -319,11 +331,9 @@ class DropPath(_Stochastic, nnx.Module):
   Args:
     rate: probability to drop an example's branch, a float in [0, 1].
     batch_axis: the example axis.
-    deterministic: if True, return the input unchanged; the call argument,
-      ``model.train()/eval()`` and ``nnx.view`` override it.
-    rng_collection: the name of the rng stream to take keys from.
-    rngs: an ``nnx.Rngs`` holding that stream (forked here), an
-      ``nnx.RngStream``, or None to pass keys at call time.
+    deterministic: see the module docstring.
+    rng_collection: see the module docstring.
+    rngs: see the module docstring.
 
   Examples:
     >>> import jax.numpy as jnp, jaxdrop
@@ -346,14 +356,14 @@ class DropPath(_Stochastic, nnx.Module):
     self.batch_axis = batch_axis
     self._init_stochastic(rate, deterministic, rng_collection, rngs)
 
-  def _apply(self, key, inputs, deterministic):
-    return _variants.drop_path(
-        key, inputs, self.rate, deterministic, batch_axis=self.batch_axis
-    )
+  function = staticmethod(_variants.drop_path)
+
+  def _options(self):
+    return {"batch_axis": self.batch_axis}
 
 
-class DropConnectDense(_Stochastic, nnx.Linear):
-  """``nnx.Linear`` whose kernel is masked by :func:`jaxdrop.dropconnect` each call.
+class DropConnectLinear(_Stochastic, nnx.Linear):
+  """``nnx.Linear`` whose kernel is masked each call; see :func:`jaxdrop.dropconnect_dense`.
 
   The parameters are those of ``nnx.Linear``. Each call drops every weight
   with probability ``rate`` (**the probability to drop**) and scales the kept
@@ -364,18 +374,22 @@ class DropConnectDense(_Stochastic, nnx.Linear):
     in_features: the number of input features.
     out_features: the number of output features.
     rate: probability to drop a weight, a float in [0, 1].
-    deterministic: if True, use the kernel unmasked; the call argument,
-      ``model.train()/eval()`` and ``nnx.view`` override it.
-    rng_collection: the name of the rng stream to take keys from.
-    rngs: an ``nnx.Rngs`` with a ``'params'`` (or default) stream for the
-      initializers and the ``rng_collection`` stream (forked here).
-    **linear_kwargs: passed to ``nnx.Linear`` (``use_bias``, ``dtype``,
-      ``param_dtype``, ``precision``, ``kernel_init``, ``bias_init``, ...).
+    use_bias: whether to add a bias.
+    dtype: the computation dtype (default: inferred from inputs and params).
+    param_dtype: the dtype of the parameters.
+    precision: the precision of the matrix product.
+    kernel_init: the kernel initializer.
+    bias_init: the bias initializer.
+    deterministic: see the module docstring (True: the kernel unmasked).
+    rng_collection: see the module docstring.
+    rngs: an ``nnx.Rngs`` for the initializers (its ``'params'`` stream, else
+      ``'default'``), whose ``rng_collection`` stream (else ``'default'``) is
+      forked for the masks.
 
   Examples:
     >>> import jax.numpy as jnp, jaxdrop
     >>> from flax import nnx
-    >>> layer = jaxdrop.nnx.DropConnectDense(3, 4, 0.5, rngs=nnx.Rngs(params=0, dropout=1))
+    >>> layer = jaxdrop.nnx.DropConnectLinear(3, 4, 0.5, rngs=nnx.Rngs(0))
     >>> layer(jnp.ones((2, 3))).shape
     (2, 4)
   """
@@ -386,28 +400,56 @@ class DropConnectDense(_Stochastic, nnx.Linear):
       out_features: int,
       rate: float,
       *,
+      use_bias: bool = True,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      precision: jax.lax.PrecisionLike = None,
+      kernel_init: Callable[..., jax.Array] = nnx.initializers.lecun_normal(),
+      bias_init: Callable[..., jax.Array] = nnx.initializers.zeros_init(),
       deterministic: bool | None = False,
       rng_collection: str = "dropout",
       rngs: nnx.Rngs,
-      **linear_kwargs: Any,
   ):
-    super().__init__(in_features, out_features, rngs=rngs, **linear_kwargs)
+    if not isinstance(rngs, nnx.Rngs):
+      raise TypeError(
+          "rngs must be an nnx.Rngs, for the parameters and the masks, got "
+          f"rngs={rngs!r} of type {type(rngs).__name__}"
+      )
+    super().__init__(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        precision=precision,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        rngs=rngs,
+    )
     self._init_stochastic(rate, deterministic, rng_collection, rngs)
 
+  function = staticmethod(_variants.dropconnect_dense)
+
   def _apply(self, key, inputs, deterministic):
-    kernel = _variants.dropconnect(key, self.kernel[...], self.rate, deterministic)
-    bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    kwargs = {}
-    if self.preferred_element_type is not None:
-      kwargs["preferred_element_type"] = self.preferred_element_type
-    y = self.dot_general(
+    return _variants.dropconnect_dense(
+        key,
         inputs,
-        kernel,
-        (((inputs.ndim - 1,), (0,)), ((), ())),
+        self.kernel[...],
+        None if self.bias is None else self.bias[...],
+        self.rate,
+        deterministic,
+        dtype=self.dtype,
         precision=self.precision,
-        **kwargs,
     )
-    if bias is not None:
-      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return y
+
+
+class DropConnectDense(DropConnectLinear):
+  """Deprecated alias of :class:`DropConnectLinear` (NNX calls the layer Linear)."""
+
+  def __init__(self, *args: Any, **kwargs: Any):
+    warnings.warn(
+        "jaxdrop.nnx.DropConnectDense is deprecated; use jaxdrop.nnx.DropConnectLinear",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    super().__init__(*args, **kwargs)

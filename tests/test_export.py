@@ -23,6 +23,8 @@ FUNCTIONS = {
     "dropout": lambda key, x: jaxdrop.dropout(key, x, 0.3),
     "dropout_traced_rate": lambda key, x: jaxdrop.dropout(key, x, jnp.float32(0.3)),
     "dropout_grad": jax.grad(lambda key, x: jnp.sum(jaxdrop.dropout(key, x, 0.3)), argnums=1),
+    "dropout_bits16": lambda key, x: jaxdrop.dropout(key, x, 0.3, bits=16),
+    "dropout_bits16_grad": jax.grad(lambda key, x: jnp.sum(jaxdrop.dropout(key, x, 0.3, bits=16)), argnums=1),
     "keep_mask": lambda key, x: jaxdrop.keep_mask(key, x.shape, 0.3),
     "linen": lambda key, x: jaxdrop.linen.Dropout(0.3).apply({}, x, deterministic=False, rngs={"dropout": key}),
     "nnx": nnx_dropout,

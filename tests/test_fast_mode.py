@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,24 +9,11 @@ import pytest
 from flax import nnx
 
 import jaxdrop
-from conftest import assert_binomial_fraction, run_with_devices
+from conftest import assert_binomial_fraction, p_keep
+from conftest import reference_keep16 as reference_keep
 
-LEVELS = 2**16
-
-
-def threshold16(rate: float) -> int:
-  return min(round(rate * LEVELS), LEVELS - 1)
-
-
-def reference_keep(key, shape, rate):
-  """The documented mapping: 16-bit lanes of jax.random.bits(..., uint64)."""
-  n = math.prod(shape)
-  with jax.enable_x64(True):
-    words = np.asarray(jax.random.bits(key, (-(-n // 4),), jnp.uint64))
-  index = np.arange(n)
-  shift = (48 - 16 * (index % 4)).astype(np.uint64)
-  lanes = (words[index // 4] >> shift) & np.uint64(0xFFFF)
-  return (lanes >= threshold16(rate)).reshape(shape)
+# Sharding and export of the fast mode: rows of test_sharding.py and
+# test_export.py; the modules: the Dropout_bits16 row of conftest.MODULES.
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (64,), (3, 33), (128, 5), (0,), ()], ids=str)
@@ -53,7 +38,7 @@ def test_dropout_uses_the_mask_and_the_exact_quantized_scale():
   key = jax.random.key(5)
   x = jnp.arange(1.0, 321.0).reshape(10, 32)
   rate = 0.3
-  scale = np.float32(LEVELS / (LEVELS - threshold16(rate)))
+  scale = np.float32(1 / p_keep(rate, 16))
   expected = np.where(reference_keep(key, x.shape, rate), np.asarray(x) * scale, 0)
   np.testing.assert_array_equal(jaxdrop.dropout(key, x, rate, bits=16), expected)
 
@@ -70,7 +55,7 @@ def test_broadcast_dims_use_the_mask_shape():
 def test_keep_fraction_within_binomial_bound(rate):
   n = 200_000
   kept = int(jnp.sum(jaxdrop.keep_mask(jax.random.key(8), (n,), rate, bits=16)))
-  assert_binomial_fraction(kept, n, (LEVELS - threshold16(rate)) / LEVELS)
+  assert_binomial_fraction(kept, n, p_keep(rate, 16))
 
 
 def test_gradient_recomputes_the_mask():
@@ -83,15 +68,6 @@ def test_gradient_recomputes_the_mask():
 def test_bf16_stays_bf16():
   y = jaxdrop.dropout(jax.random.key(0), jnp.ones(100, jnp.bfloat16), 0.5, bits=16)
   assert y.dtype == jnp.bfloat16
-
-
-def test_modules_pass_bits_through():
-  key = jax.random.key(10)
-  x = jnp.ones((4, 32))
-  expected = jaxdrop.dropout(key, x, 0.5, bits=16)
-  linen = jaxdrop.linen.Dropout(0.5, bits=16).apply({}, x, deterministic=False, rng=key)
-  np.testing.assert_array_equal(linen, expected)
-  np.testing.assert_array_equal(jaxdrop.nnx.Dropout(0.5, bits=16)(x, rngs=key), expected)
 
 
 @pytest.mark.parametrize("bits, error", [(8, ValueError), (64, ValueError), (16.0, TypeError), (True, TypeError)])
@@ -107,31 +83,3 @@ def test_bad_bits(bits, error):
 def test_fast_mode_needs_a_threefry_key():
   with pytest.raises(ValueError, match="'rbg'"):
     jaxdrop.dropout(jax.random.key(0, impl="rbg"), jnp.ones(3), 0.5, bits=16)
-
-
-def test_sharded_fast_mode_equals_unsharded_without_collectives():
-  out = run_with_devices(
-      """
-      import jax, jax.numpy as jnp, numpy as np
-      from jax.sharding import NamedSharding, PartitionSpec as P
-      import jaxdrop
-      mesh = jax.make_mesh((8,), ("d",))
-      key = jax.random.key(1)
-      x = jnp.arange(1.0, 64 * 96 + 1).reshape(64, 96)
-      for shape_x in (x, x[:8, :13]):  # 104 elements: not whole words
-        f = jax.jit(lambda k, x: jaxdrop.dropout(k, x, 0.3, bits=16))
-        expected = np.asarray(f(key, shape_x))
-        xs = jax.device_put(shape_x, NamedSharding(mesh, P("d", None)))
-        np.testing.assert_array_equal(np.asarray(f(key, xs)), expected)
-        hlo = f.lower(key, xs).compile().as_text()
-        assert not any(c in hlo for c in ("all-gather", "all-reduce", "collective-permute", "all-to-all")), hlo
-      print("ok")
-      """
-  )
-  assert out.strip() == "ok"
-
-
-def test_exports_for_every_platform():
-  f = jax.jit(lambda key, x: jaxdrop.dropout(key, x, 0.3, bits=16))
-  exported = jax.export.export(f, platforms=("cpu", "cuda", "tpu"))(jax.random.key(0), jnp.ones((8, 16)))
-  assert exported.platforms == ("cpu", "cuda", "tpu")

@@ -25,8 +25,13 @@ functions = {
     "broadcast": lambda k, x: jaxdrop.dropout(k, x, 0.3, broadcast_dims=(0,)),
     "grad": jax.grad(lambda k, x: jnp.sum(jaxdrop.dropout(k, x, 0.3) * x), argnums=1),
     "linen": lambda k, x: jaxdrop.linen.Dropout(0.3).apply({}, x, deterministic=False, rng=k),
+    "bits16": lambda k, x: jaxdrop.dropout(k, x, 0.3, bits=16),
 }
-for fname, fn in functions.items():
+runs = [(fname, fn, x, cases) for fname, fn in functions.items()]
+# 120 elements: the fast mode's last 32-element word is partial.
+odd = x[:12, :10]
+runs.append(("bits16_partial_word", functions["bits16"], odd, {k: cases[k] for k in ("rows", "both")}))
+for fname, fn, x, cases in runs:
   f = jax.jit(fn)
   expected = np.asarray(f(key, x))
   for cname, spec in cases.items():
@@ -43,4 +48,4 @@ for fname, fn in functions.items():
 
 def test_sharded_equals_unsharded_without_collectives():
   out = run_with_devices(CODE)
-  assert out.count("ok") == 15, out
+  assert out.count("ok") == 6 * 3 + 2, out
