@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
@@ -66,6 +67,8 @@ FLOOR = "x * 2.0 (floor)"
 FLAX = "flax.linen.Dropout"
 FAST = "jaxdrop.dropout bits=16"
 FAST_LINEN = "jaxdrop.linen.Dropout bits=16"
+REMAT_POLICY = "remat policy"  # save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
+REMAT = "jaxdrop.linen.Dropout + " + REMAT_POLICY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,11 +207,14 @@ def print_elementwise(records: list[dict]) -> None:
 class MLP(nn.Module):
   dropout: Callable[..., nn.Module] | None  # a linen Dropout class, or None.
   rate: float = 0.1
+  # A jax.checkpoint policy for the loss, or None for no checkpointing. The
+  # dense outputs are named "dense" so that names-based policies can keep them.
+  remat_policy: Callable[..., Any] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for width in (1024, 1024):
-      x = nn.relu(nn.Dense(width)(x))
+      x = nn.relu(checkpoint_name(nn.Dense(width)(x), "dense"))
       if self.dropout is not None:
         x = self.dropout(self.rate, deterministic=not train)(x)
     return nn.Dense(10)(x)
@@ -222,6 +228,10 @@ def train_models(cfg: Config) -> dict[str, nn.Module]:
   }
   if cfg.fast:
     models[FAST_LINEN] = MLP(functools.partial(jaxdrop.linen.Dropout, bits=16), cfg.train_rate)
+  # The documented way to keep no dropout output for the backward pass.
+  policy = jax.checkpoint_policies.save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
+  models[REMAT] = MLP(jaxdrop.linen.Dropout, cfg.train_rate, remat_policy=policy)
+  models["no dropout + " + REMAT_POLICY] = MLP(None, cfg.train_rate, remat_policy=policy)
   return models
 
 
@@ -233,6 +243,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation) -> Calla
       logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
+    if model.remat_policy is not None:
+      loss_fn = jax.checkpoint(loss_fn, policy=model.remat_policy)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss

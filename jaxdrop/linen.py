@@ -284,12 +284,8 @@ class DropConnectDense(_Stochastic):
   Attributes:
     features: the number of output features.
     rate: probability to drop a weight.
-    use_bias: whether to add a bias.
-    dtype: the computation dtype (default: inferred from inputs and params).
-    param_dtype: the dtype of the parameters.
-    precision: the precision of the matrix product.
-    kernel_init: the kernel initializer.
-    bias_init: the bias initializer.
+    use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as for
+      ``nn.Dense``.
     deterministic: see the module docstring (True: the kernel unmasked).
     rng_collection: see the module docstring.
 
