@@ -69,6 +69,8 @@ _LOG2E = math.log2(math.e)
 LAYOUTS = ("packed", "joined", "per_element")
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _MIN_BLOCK = 16  # Triton's dot needs 16 rows and columns.
+# Named TritonCompilerParams in older jax releases.
+_COMPILER_PARAMS = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 
 
 class BlockSizes(NamedTuple):
@@ -163,7 +165,7 @@ class _Static(NamedTuple):
     warps = self.blocks.num_warps
     if warps is None:
       warps = 4 if self.head_dim <= 64 else 8
-    return plgpu.CompilerParams(num_warps=warps, num_stages=self.blocks.num_stages)
+    return _COMPILER_PARAMS(num_warps=warps, num_stages=self.blocks.num_stages)
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,541 @@
+"""Checks and times the Pallas attention-dropout kernels on a GPU, in one run.
+
+Every item is wrapped so that a failure prints its error and the script goes
+on to the next:
+
+  (a) on the device, the kernels' dropout bits equal ``attention_keep_mask``
+      (value = identity with S = H exposes them), for every hash layout;
+  (b) outputs and gradients match ``implementation="xla"``, at small shapes
+      and at the benchmark shape;
+  (c) a timing table, forward+backward and forward alone, B 8, T = S = 2048,
+      N 16, H 64, bfloat16, rates 0 and 0.1: flax (per-head and shared
+      dropout, and none), ``jax.nn`` cuDNN, the private cuDNN module with
+      dropout (timed only), jaxdrop ``"xla"`` and ``"pallas"`` (every layout),
+      with compiled temp memory; then causal T = S = 4096, T = 8192 for pallas,
+      and a small block-size sweep while time remains.
+
+Run on a GPU:  ``python benchmarks/gpu_attention_check.py``
+On CPU (tiny shapes, Pallas interpreter, no cuDNN rows; tests this script):
+``python benchmarks/gpu_attention_check.py --smoke``
+
+Prints a markdown table and writes JSON to ``$OUT/gpu_attention_check.json``
+when ``$OUT`` is set, else to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jaxdrop  # noqa: E402
+from jaxdrop._attention import base  # noqa: E402
+from jaxdrop._attention import pallas_triton as pt  # noqa: E402
+from jaxdrop._attention import xla  # noqa: E402
+
+try:
+  from flax import linen as nn
+except ImportError:  # flax rows are skipped
+  nn = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  batch: int = 8
+  seq: int = 2048  # T = S of the main table
+  heads: int = 16
+  head_dim: int = 64
+  causal_seq: int = 4096
+  long_seq: int = 8192
+  rates: tuple[float, ...] = (0.0, 0.1)
+  warmup: int = 2
+  reps: int = 10
+  budget_s: float = 330.0  # optional items (causal, long, sweep) start only before this
+  interpret: bool = False
+  cudnn: bool = True
+  small: tuple[int, int, int, int, int] = (2, 100, 80, 4, 2)  # B, T, S, N, K of checks
+
+
+SMOKE = Settings(
+    batch=1, seq=64, heads=2, head_dim=16, causal_seq=64, long_seq=128, warmup=1, reps=2,
+    budget_s=600.0, interpret=True, cudnn=False, small=(1, 40, 24, 2, 1),
+)
+SMOKE_BLOCKS = pt.BlockSizes(q=16, k=16, q_dkv=16, k_dkv=16, q_dq=16, k_dq=16)
+
+START = time.perf_counter()
+RESULTS: dict = {"checks": [], "timings": [], "notes": []}
+
+
+def elapsed() -> float:
+  return time.perf_counter() - START
+
+
+@contextlib.contextmanager
+def item(name: str):
+  """Runs one item; a failure is printed and recorded, and the script goes on."""
+  t0 = time.perf_counter()
+  try:
+    yield
+  except Exception as error:  # noqa: BLE001 - every failure is reported, none stops the run
+    text = "".join(traceback.format_exception_only(type(error), error)).strip()
+    print(f"FAIL {name}: {text[:2000]}", flush=True)
+    traceback.print_exc(limit=4)
+    RESULTS["checks"].append({"name": name, "ok": False, "error": text[:4000]})
+  else:
+    print(f"ok   {name} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    RESULTS["checks"].append({"name": name, "ok": True})
+
+
+def close(actual, expected, tol: float, what: str) -> None:
+  """Raises unless |actual - expected| <= tol * (1 + max|expected|) and all finite."""
+  a = np.asarray(jnp.asarray(actual, jnp.float32))
+  e = np.asarray(jnp.asarray(expected, jnp.float32))
+  if a.shape != e.shape:
+    raise AssertionError(f"{what}: shape {a.shape} != {e.shape}")
+  if not np.all(np.isfinite(a)):
+    raise AssertionError(f"{what}: non-finite values")
+  err = float(np.max(np.abs(a - e))) if a.size else 0.0
+  bound = tol * (1 + float(np.max(np.abs(e))))
+  if err > bound:
+    raise AssertionError(f"{what}: max error {err:.3g} > {bound:.3g}")
+
+
+def config_for(settings, batch, heads, head_dim, causal, rate, precision=None):
+  return base.Config(
+      scale=1 / math.sqrt(head_dim), is_causal=causal, dropout_heads=(batch, heads),
+      fixed_rate=rate, precision=precision,
+  )
+
+
+def pallas_attention(settings, config, layout="packed", blocks=None, bias=None, mask=None):
+  """(q, k, v, key_data) -> out, with the kernels of ``pallas_triton``."""
+  if settings.interpret and blocks is None:
+    blocks = SMOKE_BLOCKS
+
+  def fn(q, k, v, key_data):
+    return pt.attention(
+        q, k, v, bias, mask, key_data, None, config, blocks=blocks,
+        interpret=settings.interpret, layout=layout,
+    )
+
+  return fn
+
+
+def xla_attention(config, bias=None, mask=None):
+  def fn(q, k, v, key_data):
+    return xla.attention(q, k, v, bias, mask, key_data, None, config)
+
+  return fn
+
+
+def with_grads(fn):
+  """(q, k, v, key_data, d_out) -> (out, (dq, dk, dv))."""
+
+  def run(q, k, v, key_data, d_out):
+    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, key_data), q, k, v)
+    return out, vjp(d_out.astype(out.dtype))
+
+  return run
+
+
+def qkv(seed, batch, rows, cols, heads, kv_heads, head_dim, dtype):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (batch, rows, heads, head_dim), dtype)
+  k = jax.random.normal(keys[1], (batch, cols, kv_heads, head_dim), dtype)
+  v = jax.random.normal(keys[2], (batch, cols, kv_heads, head_dim), dtype)
+  d_out = jax.random.normal(keys[3], (batch, rows, heads, head_dim), dtype)
+  return q, k, v, d_out
+
+
+KEY = jax.random.key(1234)
+KEY_DATA = jax.random.key_data(KEY)
+
+
+# ----------------------------------------------------------------------------
+# (a) Mask bits on the device.
+
+
+def check_mask_bits(settings) -> None:
+  batch, rows = 2, (300 if not settings.interpret else 40)
+  cols = 128 if not settings.interpret else 32  # S = H
+  heads, kv_heads = 4, 2
+  q, k, _, _ = qkv(0, batch, rows, cols, heads, kv_heads, cols, jnp.float32)
+  v = jnp.broadcast_to(jnp.eye(cols)[None, :, None, :], (batch, cols, kv_heads, cols))
+  for shared in (False, True):
+    for layout in pt.LAYOUTS if not shared else ("packed",):
+      with item(f"(a) mask bits == attention_keep_mask, layout={layout}, shared={shared}"):
+        config = base.Config(
+            scale=0.1, is_causal=False, dropout_heads=(1, 1) if shared else (batch, heads),
+            fixed_rate=0.5, precision=jax.lax.Precision.HIGHEST,
+        )
+        out = jax.jit(pallas_attention(settings, config, layout))(q, k, v, KEY_DATA)
+        shape = (1, 1, rows, cols) if shared else (batch, heads, rows, cols)
+        keep = np.asarray(jaxdrop.attention_keep_mask(KEY, shape, 0.5))
+        kept = np.asarray(out != 0).transpose(0, 2, 1, 3)
+        np.testing.assert_array_equal(kept, np.broadcast_to(keep, kept.shape))
+        want = base.reference(q, k, v, None, None, KEY_DATA, None, config)
+        close(out, want, 1e-4, "output vs reference")
+
+
+# ----------------------------------------------------------------------------
+# (b) Outputs and gradients against "xla" at small shapes.
+
+
+def check_small(settings) -> None:
+  batch, rows, cols, heads, kv_heads = settings.small
+  head_dims = (64, 128) if not settings.interpret else (16,)
+  cases = []
+  for layout in pt.LAYOUTS:
+    cases.append((f"bf16 causal GQA padding-mask dropout, layout={layout}", jnp.bfloat16,
+                  True, 0.1, layout, head_dims[0], False))
+  for head_dim in head_dims:
+    cases.append((f"f32 (HIGHEST) bias+mask dropout H={head_dim}", jnp.float32, False, 0.2,
+                  "packed", head_dim, True))
+  cases.append(("f16 no dropout causal", jnp.float16, True, 0.0, "packed", head_dims[-1], False))
+  for name, dtype, causal, rate, layout, head_dim, with_bias in cases:
+    with item(f"(b) small: {name}"):
+      q, k, v, d_out = qkv(1, batch, rows, cols, heads, kv_heads, head_dim, dtype)
+      lengths = jnp.array([cols, cols // 2] * batch)[:batch]
+      mask = (jnp.arange(cols)[None, :] < lengths[:, None])[:, None, None, :]
+      bias = None
+      if with_bias:
+        bias = jax.random.normal(jax.random.key(5), (1, heads, rows, cols), dtype)
+      precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+      config = config_for(settings, batch, heads, head_dim, causal, rate, precision)
+      if bias is None:
+        fns = [pallas_attention(settings, config, layout, mask=mask), xla_attention(config, mask=mask)]
+        args = (q, k, v, KEY_DATA, d_out)
+        got, want = (jax.jit(with_grads(f))(*args) for f in fns)
+      else:
+        def grads_with_bias(fn_of_bias):
+          def run(q, k, v, bias, key_data, d_out):
+            out, vjp = jax.vjp(lambda q, k, v, b: fn_of_bias(b)(q, k, v, key_data), q, k, v, bias)
+            return out, vjp(d_out)
+          return jax.jit(run)
+
+        args = (q, k, v, bias, KEY_DATA, d_out)
+        got = grads_with_bias(lambda b: pallas_attention(settings, config, layout, bias=b, mask=mask))(*args)
+        want = grads_with_bias(lambda b: xla_attention(config, bias=b, mask=mask))(*args)
+      tol = 1e-4 if dtype == jnp.float32 else 3e-2
+      close(got[0], want[0], tol, "out")
+      for i, (g, w) in enumerate(zip(got[1], want[1])):
+        close(g, w, tol, ["dq", "dk", "dv", "dbias"][i])
+
+
+# ----------------------------------------------------------------------------
+# (c) Timing.
+
+
+def compile_and_time(settings, fn, args):
+  """Compiles ``fn(*args)``; returns (median seconds, temp bytes, compile s, first result)."""
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  temp = None
+  with contextlib.suppress(Exception):
+    temp = int(compiled.memory_analysis().temp_size_in_bytes)
+  first = jax.block_until_ready(compiled(*args))
+  for _ in range(settings.warmup - 1):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(settings.reps):
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times), temp, compile_s, first
+
+
+def time_row(settings, label, rate, fn, args, shape, keep=None, fwd_only_too=True, mode_list=None):
+  """Times ``fn(q, k, v, key_data)`` forward+backward and forward alone."""
+  modes = mode_list or (("fwd+bwd", "fwd") if fwd_only_too else ("fwd+bwd",))
+  for mode in modes:
+    with item(f"(c) time {label} rate={rate} {mode} {shape}"):
+      if mode == "fwd":
+        run, run_args = fn, args[:4]
+      else:
+        run, run_args = with_grads(fn), args
+      seconds, temp, compile_s, first = compile_and_time(settings, run, run_args)
+      row = dict(label=label, rate=rate, mode=mode, shape=shape, ms=seconds * 1e3,
+                 temp_mb=None if temp is None else temp / 1e6, compile_s=compile_s)
+      RESULTS["timings"].append(row)
+      temp_text = "?" if temp is None else f"{temp / 1e6:.1f}"
+      print(f"     {label:<44} rate {rate:<4} {mode:<8} {seconds * 1e3:9.3f} ms "
+            f"temp {temp_text} MB (compile {compile_s:.1f} s)", flush=True)
+      if keep is not None and mode == "fwd+bwd":
+        keep[(label, rate)] = first
+
+
+def flax_fn(rate, broadcast):
+  def fn(q, k, v, key_data):
+    del key_data
+    return nn.dot_product_attention(
+        q, k, v, dropout_rng=KEY, dropout_rate=rate, broadcast_dropout=broadcast,
+        deterministic=rate == 0.0,
+    )
+
+  return fn
+
+
+def cudnn_fn(causal):
+  def fn(q, k, v, key_data):
+    del key_data
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+
+  return fn
+
+
+def cudnn_private_fn(rate, causal):
+  from jax._src.cudnn import fused_attention_stablehlo as fused  # private; timed only
+
+  def fn(q, k, v, key_data):
+    del key_data
+    kwargs = dict(scale=1 / math.sqrt(q.shape[-1]), dropout_rate=rate, seed=42)
+    if causal:
+      kwargs["mask_type"] = fused.MaskType.CAUSAL
+    return fused.dot_product_attention(q, k, v, **kwargs)
+
+  return fn
+
+
+def jaxdrop_xla_fn(rate, causal):
+  def fn(q, k, v, key_data):
+    del key_data
+    return jaxdrop.dot_product_attention(
+        q, k, v, is_causal=causal, dropout_rate=rate, dropout_key=KEY, implementation="xla",
+    )
+
+  return fn
+
+
+def main_shape(settings) -> str:
+  return f"B{settings.batch} T=S={settings.seq} N{settings.heads} H{settings.head_dim} bf16"
+
+
+def main_table(settings) -> dict:
+  b, t, n, h = settings.batch, settings.seq, settings.heads, settings.head_dim
+  shape = main_shape(settings)
+  q, k, v, d_out = qkv(2, b, t, t, n, n, h, jnp.bfloat16)
+  args = (q, k, v, KEY_DATA, d_out)
+  keep: dict = {}
+  for rate in settings.rates:
+    if nn is not None:
+      if rate:
+        time_row(settings, "flax, per-head dropout", rate, flax_fn(rate, False), args, shape)
+        time_row(settings, "flax, shared dropout (default)", rate, flax_fn(rate, True), args, shape)
+      else:
+        time_row(settings, "flax, no dropout", rate, flax_fn(0.0, False), args, shape)
+    if settings.cudnn:
+      if not rate:
+        time_row(settings, "jax.nn cuDNN", rate, cudnn_fn(False), args, shape)
+      time_row(settings, "cuDNN private (not reproducible)", rate, cudnn_private_fn(rate, False), args, shape)
+    time_row(settings, "jaxdrop xla", rate, jaxdrop_xla_fn(rate, False), args, shape, keep)
+    config = config_for(settings, b, n, h, False, rate)
+    for layout in pt.LAYOUTS:
+      time_row(settings, f"jaxdrop pallas {layout}", rate,
+               pallas_attention(settings, config, layout), args, shape, keep)
+  for rate in settings.rates:
+    for layout in pt.LAYOUTS:
+      if ("jaxdrop xla", rate) in keep and (f"jaxdrop pallas {layout}", rate) in keep:
+        with item(f"(b) benchmark shape: pallas {layout} == xla, rate={rate}"):
+          got, want = keep[(f"jaxdrop pallas {layout}", rate)], keep[("jaxdrop xla", rate)]
+          close(got[0], want[0], 3e-2, "out")
+          for name, g, w in zip(("dq", "dk", "dv"), got[1], want[1]):
+            close(g, w, 3e-2, name)
+  return keep
+
+
+def best_layout(settings) -> str:
+  """The fastest layout of the main table at rate 0.1, forward+backward ("packed" if none ran)."""
+  rows = [r for r in RESULTS["timings"]
+          if r["label"].startswith("jaxdrop pallas ") and r["rate"] and r["mode"] == "fwd+bwd"
+          and r["shape"] == main_shape(settings)]
+  if not rows:
+    return "packed"
+  return min(rows, key=lambda r: r["ms"])["label"].split()[-1]
+
+
+def causal_table(settings) -> None:
+  b, t, n, h = settings.batch, settings.causal_seq, settings.heads, settings.head_dim
+  shape = f"causal B{b} T=S={t} N{n} H{h} bf16"
+  q, k, v, d_out = qkv(3, b, t, t, n, n, h, jnp.bfloat16)
+  args = (q, k, v, KEY_DATA, d_out)
+  layout = best_layout(settings)
+  for rate in settings.rates:
+    if elapsed() > settings.budget_s:
+      RESULTS["notes"].append(f"skipped {shape} rate {rate}: time budget")
+      continue
+    config = config_for(settings, b, n, h, True, rate)
+    time_row(settings, f"jaxdrop pallas {layout}", rate,
+             pallas_attention(settings, config, layout), args, shape)
+    if settings.cudnn:
+      if not rate:
+        time_row(settings, "jax.nn cuDNN", rate, cudnn_fn(True), args, shape)
+      else:
+        time_row(settings, "cuDNN private (not reproducible)", rate,
+                 cudnn_private_fn(rate, True), args, shape, fwd_only_too=False)
+    if rate:
+      time_row(settings, "jaxdrop xla", rate, jaxdrop_xla_fn(rate, True), args, shape,
+               fwd_only_too=False)
+
+
+def long_table(settings) -> None:
+  if elapsed() > settings.budget_s:
+    RESULTS["notes"].append("skipped the long sequence: time budget")
+    return
+  b, t, n, h = settings.batch, settings.long_seq, settings.heads, settings.head_dim
+  shape = f"B{b} T=S={t} N{n} H{h} bf16"
+  q, k, v, d_out = qkv(4, b, t, t, n, n, h, jnp.bfloat16)
+  args = (q, k, v, KEY_DATA, d_out)
+  config = config_for(settings, b, n, h, False, 0.1)
+  time_row(settings, f"jaxdrop pallas {best_layout(settings)}", 0.1,
+           pallas_attention(settings, config, best_layout(settings)), args, shape)
+  if nn is not None:
+    with item(f"(c) flax per-head dropout temp memory at {shape} (compile only)"):
+      lowered = jax.jit(with_grads(flax_fn(0.1, False))).lower(*args)
+      temp = lowered.compile().memory_analysis().temp_size_in_bytes
+      RESULTS["timings"].append(dict(label="flax, per-head dropout (compiled, not run)",
+                                     rate=0.1, mode="fwd+bwd", shape=shape, ms=None,
+                                     temp_mb=temp / 1e6, compile_s=None))
+      print(f"     flax per-head dropout at {shape}: temp {temp / 1e9:.1f} GB", flush=True)
+
+
+SWEEP = (
+    pt.BlockSizes(q=128, k=128),
+    pt.BlockSizes(q=64, k=64),
+    pt.BlockSizes(q=128, k=64, q_dkv=32, k_dkv=128, q_dq=128, k_dq=32),
+    pt.BlockSizes(q=128, k=64, q_dkv=64, k_dkv=128, q_dq=128, k_dq=64, num_stages=3),
+    pt.BlockSizes(q=128, k=64, num_warps=8),
+)
+
+
+def sweep(settings) -> None:
+  b, t, n, h = settings.batch, settings.seq, settings.heads, settings.head_dim
+  shape = main_shape(settings)
+  q, k, v, d_out = qkv(2, b, t, t, n, n, h, jnp.bfloat16)
+  args = (q, k, v, KEY_DATA, d_out)
+  config = config_for(settings, b, n, h, False, 0.1)
+  layout = best_layout(settings)
+  for blocks in SWEEP:
+    if elapsed() > settings.budget_s:
+      RESULTS["notes"].append("block sweep cut short: time budget")
+      return
+    label = (f"pallas {layout} fwd {blocks.q}x{blocks.k} dkv {blocks.q_dkv}x{blocks.k_dkv} "
+             f"dq {blocks.q_dq}x{blocks.k_dq} warps {blocks.num_warps} stages {blocks.num_stages}")
+    time_row(settings, label, 0.1, pallas_attention(settings, config, layout, blocks), args,
+             shape, mode_list=("fwd+bwd", "fwd"))
+
+
+# ----------------------------------------------------------------------------
+# Report.
+
+
+def table() -> str:
+  lines = [
+      "| shape | implementation | rate | fwd+bwd ms | fwd ms | temp MB (fwd+bwd) |",
+      "|---|---|---|---|---|---|",
+  ]
+  rows: dict = {}
+  for r in RESULTS["timings"]:
+    rows.setdefault((r["shape"], r["label"], r["rate"]), {})[r["mode"]] = r
+  for (shape, label, rate), modes in rows.items():
+    both = modes.get("fwd+bwd", {})
+    fwd = modes.get("fwd", {})
+
+    def fmt(x, digits):
+      return "-" if x is None else f"{x:.{digits}f}"
+
+    lines.append(
+        f"| {shape} | {label} | {rate} | {fmt(both.get('ms'), 3)} | {fmt(fwd.get('ms'), 3)} "
+        f"| {fmt(both.get('temp_mb'), 1)} |"
+    )
+  return "\n".join(lines)
+
+
+def targets(settings) -> None:
+  def ms(label, rate, mode="fwd+bwd"):
+    for r in RESULTS["timings"]:
+      if (r["label"], r["rate"], r["mode"], r["shape"]) == (label, rate, mode, main_shape(settings)):
+        return r["ms"], r["temp_mb"]
+    return None, None
+
+  layout = best_layout(settings)
+  pallas, pallas_temp = ms(f"jaxdrop pallas {layout}", 0.1)
+  flax, _ = ms("flax, per-head dropout", 0.1)
+  cudnn, _ = ms("cuDNN private (not reproducible)", 0.1)
+  fwd_drop, _ = ms(f"jaxdrop pallas {layout}", 0.1, "fwd")
+  fwd_none, _ = ms(f"jaxdrop pallas {layout}", 0.0, "fwd")
+  lines = [f"best layout at rate 0.1: {layout}"]
+  if pallas is not None:
+    lines.append(f"pallas fwd+bwd rate 0.1: {pallas:.3f} ms (target <= 3.7, stretch <= 2.6), "
+                 f"temp {pallas_temp} MB (target <= 150)")
+  if pallas and flax:
+    lines.append(f"speed-up over flax per-head: {flax / pallas:.2f}x (target >= 2)")
+  if pallas and cudnn:
+    lines.append(f"ratio to cuDNN fused dropout: {pallas / cudnn:.2f} (stretch <= 1.25)")
+  if fwd_drop and fwd_none:
+    lines.append(f"forward rate 0.1 / rate 0: {fwd_drop / fwd_none:.2f} (target <= 1.3)")
+  RESULTS["targets"] = lines
+  print("\n".join(lines))
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+  parser.add_argument("--budget-s", type=float, default=None, help="stop optional items after this")
+  parser.add_argument("--no-sweep", action="store_true", help="skip the block-size sweep")
+  parser.add_argument("--out", default=None, help="folder for the JSON (default $OUT or benchmarks/results)")
+  options = parser.parse_args(argv)
+  settings = SMOKE if options.smoke else Settings()
+  if options.budget_s is not None:
+    settings = dataclasses.replace(settings, budget_s=options.budget_s)
+  if not options.smoke and jax.default_backend() != "gpu":
+    print(f"no GPU (backend {jax.default_backend()}); use --smoke on CPU")
+    return RESULTS
+  device = jax.devices()[0]
+  RESULTS["meta"] = dict(
+      device=getattr(device, "device_kind", str(device)), backend=jax.default_backend(),
+      jax=jax.__version__, smoke=options.smoke, settings=dataclasses.asdict(settings),
+  )
+  print(f"device: {RESULTS['meta']['device']}, jax {jax.__version__}", flush=True)
+
+  check_mask_bits(settings)
+  check_small(settings)
+  main_table(settings)
+  causal_table(settings)
+  long_table(settings)
+  if not options.no_sweep:
+    sweep(settings)
+
+  print()
+  print(table())
+  print()
+  targets(settings)
+  failed = [c["name"] for c in RESULTS["checks"] if not c["ok"]]
+  print(f"\n{len(RESULTS['checks']) - len(failed)} items ok, {len(failed)} failed "
+        f"in {elapsed():.0f} s")
+  for name in failed:
+    print("  failed:", name)
+  RESULTS["table_markdown"] = table()
+  folder = Path(options.out or os.environ.get("OUT") or Path(__file__).parent / "results")
+  folder.mkdir(parents=True, exist_ok=True)
+  path = folder / ("gpu_attention_check_smoke.json" if options.smoke else "gpu_attention_check.json")
+  path.write_text(json.dumps(RESULTS, indent=1, default=str))
+  print("wrote", path)
+  return RESULTS
+
+
+if __name__ == "__main__":
+  main()
