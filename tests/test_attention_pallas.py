@@ -264,6 +264,46 @@ def test_traced_rate_matches_static_rate_without_retracing(traced_rate_run):
 
 
 # ----------------------------------------------------------------------------
+# Triton lowering, without a GPU: Pallas lowers every kernel to Triton IR on
+# any host (jax.export does the same). This catches primitives without a
+# Triton rule and non-power-of-two tiles; Triton's own compiler passes still
+# need a GPU (benchmarks/gpu_attention_check.py).
+
+
+@pytest.mark.parametrize("layout", pt.LAYOUTS)
+@pytest.mark.parametrize(
+    "dtype, head_dim, causal, with_bias, shared, rate",
+    [
+        (jnp.bfloat16, 64, True, True, False, 0.1),
+        (jnp.float32, 128, False, False, True, None),
+    ],
+    ids=["bf16-h64-causal-bias", "f32-h128-shared-traced"],
+)
+def test_kernels_lower_to_triton_for_cuda(layout, dtype, head_dim, causal, with_bias, shared, rate):
+  batch, rows, cols, heads, kv_heads = 2, 300, 200, 4, 2
+  q = jax.ShapeDtypeStruct((batch, rows, heads, head_dim), dtype)
+  kv = jax.ShapeDtypeStruct((batch, cols, kv_heads, head_dim), dtype)
+  bias = jax.ShapeDtypeStruct((1, heads, rows, cols), dtype) if with_bias else None
+  mask = jax.ShapeDtypeStruct((batch, 1, 1, cols), jnp.bool_)
+  config = base.Config(scale=0.125, is_causal=causal,
+                       dropout_heads=(1, 1) if shared else (batch, heads), fixed_rate=rate)
+
+  def grads(q, k, v, bias, mask, key_data, rate):
+    def loss(q, k, v, bias):
+      out = pt.attention(q, k, v, bias, mask, key_data, rate, config, layout=layout)
+      return jnp.sum(out.astype(jnp.float32))
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3) if with_bias else (0, 1, 2))(q, k, v, bias)
+
+  rate_arg = None if rate is not None else jax.ShapeDtypeStruct((), jnp.float32)
+  key_data = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  lowered = jax.jit(grads).trace(q, kv, kv, bias, mask, key_data, rate_arg).lower(
+      lowering_platforms=("cuda",))
+  # forward, dq, dk/dv, and dbias with a bias.
+  assert lowered.as_text().count("__gpu$xla.gpu.triton") == (4 if with_bias else 3)
+
+
+# ----------------------------------------------------------------------------
 # Argument checks.
 
 

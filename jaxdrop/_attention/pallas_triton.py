@@ -647,10 +647,15 @@ def unsupported_reason(q, k, v, bias, mask, config: base.Config, platform: str |
   Returns:
     None, or a message naming the unsupported argument and its value.
   """
-  del v, config  # Every mask, causal flag, rate and mask sharing is supported.
   platform = jax.default_backend() if platform is None else platform
   if platform not in ("gpu", "cuda", "rocm"):
     return f"implementation='pallas' runs on GPUs (Triton), got platform={platform!r}"
+  return _operand_reason(q, k, v, bias, mask, config)
+
+
+def _operand_reason(q, k, v, bias, mask, config: base.Config) -> str | None:
+  """The part of :func:`unsupported_reason` that does not depend on the platform."""
+  del v, mask, config  # Every mask, causal flag, rate and mask sharing is supported.
   dtype = jnp.dtype(q.dtype)
   if dtype not in DTYPES:
     return (
@@ -667,7 +672,6 @@ def unsupported_reason(q, k, v, bias, mask, config: base.Config, platform: str |
     return f"implementation='pallas' needs T, S >= 1, got T={q.shape[1]}, S={k.shape[1]}"
   if bias is not None and jnp.dtype(bias.dtype) not in DTYPES:
     return f"implementation='pallas' supports bias dtypes {DTYPES}, got bias.dtype={bias.dtype}"
-  del mask
   return None
 
 
@@ -695,13 +699,14 @@ def attention(
     ``[B, T, N, H]`` in the dtype of ``q``.
 
   Raises:
-    ValueError: bad ``blocks`` or ``layout``, or a case the kernels do not
-      support (see :func:`unsupported_reason`; the interpreter skips the
-      platform check).
+    ValueError: bad ``blocks`` or ``layout``, or operands the kernels do not
+      support (see :func:`unsupported_reason`, less its platform check).
   """
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got layout={layout!r}")
-  reason = unsupported_reason(q, k, v, bias, mask, config, platform="gpu" if interpret else None)
+  # No platform check here: the kernels also lower for "cuda" from another host
+  # (jax.export); callers that pick an implementation use unsupported_reason.
+  reason = _operand_reason(q, k, v, bias, mask, config)
   if reason is not None:
     raise ValueError(reason)
   batch, rows, heads, head_dim = q.shape
