@@ -417,6 +417,7 @@ SWEEP = (
     pt.BlockSizes(q=64, k=64),
     pt.BlockSizes(q=128, k=64, q_dkv=32, k_dkv=128, q_dq=128, k_dq=32),
     pt.BlockSizes(q=128, k=64, q_dkv=64, k_dkv=128, q_dq=128, k_dq=64, num_stages=3),
+    pt.BlockSizes(q=128, k=64, num_warps=4),
     pt.BlockSizes(q=128, k=64, num_warps=8),
 )
 

@@ -80,7 +80,9 @@ class BlockSizes(NamedTuple):
     q, k: queries per forward program and keys per step of its loop.
     q_dkv, k_dkv: queries per step and keys per program of the dk/dv kernel.
     q_dq, k_dq: queries per program and keys per step of the dq kernel.
-    num_warps: Triton warps per program; None picks 4 for ``H <= 64``, else 8.
+    num_warps: Triton warps per program; None picks per kernel: 4 for tiles of
+      at most 64 x 64 with ``H <= 64``, else 8 (with 4 warps, a 128 x 64
+      forward tile and its hash need more than 255 registers a thread).
     num_stages: Triton software-pipelining stages of the loops.
   """
 
@@ -161,10 +163,11 @@ class _Static(NamedTuple):
   def groups_per_row(self) -> int:  # hashes per mask row: ceil(S / 8)
     return -(-self.cols // mask_lib.LANES)
 
-  def compiler_params(self):
+  def compiler_params(self, rows: int, cols: int):
+    """Launch options of a kernel whose tiles are ``rows x cols``."""
     warps = self.blocks.num_warps
     if warps is None:
-      warps = 4 if self.head_dim <= 64 else 8
+      warps = 4 if rows * cols <= 64 * 64 and self.head_dim <= 64 else 8
     return _COMPILER_PARAMS(num_warps=warps, num_stages=self.blocks.num_stages)
 
 
@@ -464,7 +467,7 @@ def _common_inputs(st: _Static, bias, mask, keys, threshold, dscale, per_head_sp
   return inputs
 
 
-def _call(kernel, st: _Static, inputs, outputs, grid, name: str, **kernel_args):
+def _call(kernel, st: _Static, inputs, outputs, grid, name: str, tile, **kernel_args):
   in_names, in_arrays, in_specs = zip(*inputs)
   out_names, out_shapes, out_specs = zip(*outputs)
   results = pl.pallas_call(
@@ -473,7 +476,7 @@ def _call(kernel, st: _Static, inputs, outputs, grid, name: str, **kernel_args):
       in_specs=list(in_specs),
       out_specs=list(out_specs),
       out_shape=list(out_shapes),
-      compiler_params=st.compiler_params(),
+      compiler_params=st.compiler_params(*tile),
       interpret=st.interpret,
       name=name,
   )(*in_arrays)
@@ -510,7 +513,8 @@ def _forward(st: _Static, q, k, v, bias, mask, keys, threshold, dscale):
       ("lse", jax.ShapeDtypeStruct((batch, st.heads, st.rows_p), _F32), stats),
   ]
   grid = (st.rows_p // bq, batch, st.heads)
-  return _call(_forward_kernel, st, inputs, outputs, grid, "jaxdrop_attention_fwd")
+  return _call(_forward_kernel, st, inputs, outputs, grid, "jaxdrop_attention_fwd",
+               (bq, st.blocks.k))
 
 
 def _backward(st: _Static, residuals, d_out):
@@ -529,7 +533,7 @@ def _backward(st: _Static, residuals, d_out):
   inputs += _common_inputs(st, bias, mask, keys, threshold, dscale, per_head, keys_spec)
   (dq,) = _call(
       _dq_kernel, st, inputs, [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), rows)],
-      (st.rows_p // bq, batch, st.heads), "jaxdrop_attention_dq",
+      (st.rows_p // bq, batch, st.heads), "jaxdrop_attention_dq", (bq, st.blocks.k_dq),
   )
 
   # dk, dv: grid (k block, b, kv head); each program sees its `groups` query heads.
@@ -557,7 +561,7 @@ def _backward(st: _Static, residuals, d_out):
           ("dk", jax.ShapeDtypeStruct(k.shape, k.dtype), kv_rows),
           ("dv", jax.ShapeDtypeStruct(v.shape, v.dtype), kv_rows),
       ],
-      (st.cols_p // bk, batch, st.kv_heads), "jaxdrop_attention_dkdv",
+      (st.cols_p // bk, batch, st.kv_heads), "jaxdrop_attention_dkdv", (st.blocks.q_dkv, bk),
   )
 
   d_bias = None
@@ -594,7 +598,7 @@ def _bias_gradient(st: _Static, q, k, v, bias, mask, keys, threshold, dscale, d_
   (d_bias,) = _call(
       _dbias_kernel, st, inputs,
       [("dbias", jax.ShapeDtypeStruct(bias.shape, _F32), bias_spec)],
-      grid, "jaxdrop_attention_dbias", bq=bq, bk=bk,
+      grid, "jaxdrop_attention_dbias", (bq, bk), bq=bq, bk=bk,
   )
   return d_bias
 
