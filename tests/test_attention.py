@@ -31,7 +31,7 @@ def attention_mask_oracle(key, shape, rate):
   return keep
 
 
-def inputs(batch=2, rows=13, cols=21, heads=4, kv_heads=2, head_dim=8, dtype=jnp.float32, seed=0):
+def inputs(batch=2, rows=13, cols=40, heads=4, kv_heads=2, head_dim=8, dtype=jnp.float32, seed=0):
   rng = np.random.default_rng(seed)
   q = rng.normal(size=(batch, rows, heads, head_dim))
   k = rng.normal(size=(batch, cols, kv_heads, head_dim))
@@ -56,24 +56,24 @@ def attend(q, k, v, bias=None, mask=None, blocks=None, implementation="xla", **k
 
 
 # name: (shape kwargs, causal, bias shape, mask shape) -- bias/mask shapes
-# broadcast to [B, N, T, S] with B=2, N=4, T=13, S=21.
+# broadcast to [B, N, T, S] with B=2, N=4, T=13, S=40.
 CASES = {
     "plain": ({}, False, None, None),
     "causal": ({}, True, None, None),
-    "padding_mask": ({}, False, None, (2, 1, 1, 21)),
-    "full_mask_and_bias": ({}, False, (2, 4, 13, 21), (2, 4, 13, 21)),
-    "broadcast_bias_causal": ({}, True, (1, 4, 1, 21), None),
-    "gqa_t_longer": (dict(rows=24, cols=9, heads=6, kv_heads=2), True, None, None),
-    "mha": (dict(heads=3, kv_heads=3), False, (13, 21), None),
+    "padding_mask": ({}, False, None, (2, 1, 1, 40)),
+    "full_mask_and_bias": ({}, False, (2, 4, 13, 40), (2, 4, 13, 40)),
+    "broadcast_bias_causal": ({}, True, (1, 4, 1, 40), None),
+    "gqa_t_longer": (dict(rows=70, cols=40, heads=6, kv_heads=2), True, None, None),
+    "mha": (dict(heads=3, kv_heads=3), False, (13, 40), None),
 }
 # Tile sizes for each case: defaults, tiles that divide nothing, and square tiles.
 BLOCKS = {
-    "plain": xla.BlockSizes(q=5, k=8),
-    "causal": xla.BlockSizes(q=5, k=8),
+    "plain": xla.BlockSizes(q=5, k=32),
+    "causal": xla.BlockSizes(q=5, k=32),
     "padding_mask": None,
-    "full_mask_and_bias": xla.BlockSizes(q=16, k=16),
-    "broadcast_bias_causal": xla.BlockSizes(q=16, k=8),
-    "gqa_t_longer": xla.BlockSizes(q=5, k=8),
+    "full_mask_and_bias": xla.BlockSizes(q=16, k=32),
+    "broadcast_bias_causal": xla.BlockSizes(q=16, k=32),
+    "gqa_t_longer": xla.BlockSizes(q=16, k=32),
     "mha": None,
 }
 
@@ -151,12 +151,12 @@ def test_mask_is_the_documented_jax_random_expression(shape, rate):
 
 @pytest.mark.parametrize(
     ("implementation", "blocks"),
-    [("reference", None), ("xla", None), ("xla", xla.BlockSizes(q=3, k=8))],
-    ids=["reference", "xla", "xla-3x8"],
+    [("reference", None), ("xla", None), ("xla", xla.BlockSizes(q=3, k=32))],
+    ids=["reference", "xla", "xla-3x32"],
 )
 def test_dropped_weights_are_the_mask(implementation, blocks):
   """With value = identity (S = H), out[b, t, n] is the row P * keep * c itself."""
-  batch, rows, heads, cols = 2, 7, 3, 16
+  batch, rows, heads, cols = 2, 7, 3, 48
   q, k, _ = inputs(batch, rows, cols, heads, heads, head_dim=cols)
   v = jnp.broadcast_to(jnp.eye(cols), (batch, heads, cols, cols)).transpose(0, 2, 1, 3)
   rate = 0.4
@@ -222,7 +222,7 @@ def test_without_dropout_equals_jax_nn(implementation):
 @pytest.mark.parametrize("implementation", [None, "xla", "reference"])
 def test_row_with_no_allowed_position_is_zero_with_finite_grads(implementation, rate):
   q, k, v = inputs()
-  mask = np.ones((2, 4, 13, 21), bool)
+  mask = np.ones((2, 4, 13, 40), bool)
   mask[0, 1, 3] = False
   mask[1, :, 0] = False
   mask = jnp.asarray(mask)
@@ -322,10 +322,10 @@ def test_same_key_same_output_different_key_different_output():
         (dict(is_causal=1), TypeError, "is_causal"),
         (dict(scale="big"), TypeError, "scale"),
         (dict(deterministic=None), TypeError, "deterministic"),
-        (dict(mask=jnp.ones((2, 4, 13, 21))), TypeError, "mask"),
-        (dict(mask=jnp.ones((3, 1, 1, 21), bool)), ValueError, "mask"),
-        (dict(bias=jnp.ones((13, 20))), ValueError, "bias"),
-        (dict(bias=jnp.ones((13, 21), jnp.int32)), TypeError, "bias"),
+        (dict(mask=jnp.ones((2, 4, 13, 40))), TypeError, "mask"),
+        (dict(mask=jnp.ones((3, 1, 1, 40), bool)), ValueError, "mask"),
+        (dict(bias=jnp.ones((13, 39))), ValueError, "bias"),
+        (dict(bias=jnp.ones((13, 40), jnp.int32)), TypeError, "bias"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, error, match):
@@ -337,10 +337,10 @@ def test_bad_arguments_are_named(kwargs, error, match):
 @pytest.mark.parametrize(
     ("shapes", "match"),
     [
-        (((2, 13, 4, 8), (2, 21, 3, 8), (2, 21, 3, 8)), "divide"),
-        (((2, 13, 4, 8), (2, 21, 2, 8), (2, 20, 2, 8)), "same shape"),
-        (((2, 13, 4, 8), (2, 21, 2, 4), (2, 21, 2, 4)), "agree"),
-        (((13, 4, 8), (21, 2, 8), (21, 2, 8)), "4 dimensions"),
+        (((2, 13, 4, 8), (2, 40, 3, 8), (2, 40, 3, 8)), "divide"),
+        (((2, 13, 4, 8), (2, 40, 2, 8), (2, 39, 2, 8)), "same shape"),
+        (((2, 13, 4, 8), (2, 40, 2, 4), (2, 40, 2, 4)), "agree"),
+        (((13, 4, 8), (40, 2, 8), (40, 2, 8)), "4 dimensions"),
     ],
 )
 def test_bad_shapes_are_named(shapes, match):

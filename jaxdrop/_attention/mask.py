@@ -37,6 +37,7 @@ from jaxdrop import _threefry
 
 BITS = 8  # bits per decision.
 LANES = 64 // BITS  # decisions per 64-bit hash.
+WORD = 32  # decisions packed per uint32 word between fusions; tiles are whole words.
 _MAX_COUNTER = 2**32  # counters t * ceil(S / 8) + g must fit one uint32 word.
 
 
@@ -79,24 +80,46 @@ def keep_block(
     keys: uint32[..., 2] head keys from :func:`head_keys` (any leading shape).
     row_start: the first query position ``t`` of the block.
     rows: the number of query positions.
-    col_start: the first key position ``s``; a multiple of ``LANES``.
-    cols: the number of key positions; a multiple of ``LANES``.
+    col_start: the first key position ``s``; a multiple of ``WORD``.
+    cols: the number of key positions; a multiple of ``WORD``.
     groups_per_row: ``ceil(S / LANES)`` of the whole mask (not of the block).
     threshold: the uint32 threshold ``t8``.
     keep_any: False when the rate is 1.
   """
-  groups = cols // LANES
-  t = jax.lax.broadcasted_iota(jnp.uint32, (rows, groups), 0) + jnp.asarray(row_start, jnp.uint32)
-  g = jax.lax.broadcasted_iota(jnp.uint32, (rows, groups), 1) + (
-      jnp.asarray(col_start, jnp.uint32) // np.uint32(LANES)
+  packed = _packed_block(keys, row_start, rows, col_start, cols, groups_per_row, threshold)
+  offset = jax.lax.broadcasted_iota(jnp.uint32, packed.shape + (WORD,), packed.ndim)
+  keep = ((packed[..., None] >> offset) & np.uint32(1)) != 0
+  return keep.reshape(packed.shape[:-1] + (cols,)) & keep_any
+
+
+def _packed_block(keys, row_start, rows, col_start, cols, groups_per_row, threshold):
+  """uint32[..., rows, cols // 32]: bit ``j % 32`` of word ``j // 32`` keeps column ``j``.
+
+  Each element of the ``[rows, cols // 32, 4]`` hash array makes its eight
+  decisions from its own 64 bits, and a reduction ORs four hashes into a word.
+  The reduction ends the fusion, so each hash is computed once; an
+  elementwise expansion to one value per weight would be fused into its
+  consumer, which would recompute the hash for each of the eight weights.
+  """
+  shape = (rows, cols // WORD, WORD // LANES)
+  t = jax.lax.broadcasted_iota(jnp.uint32, shape, 0) + jnp.asarray(row_start, jnp.uint32)
+  hash_in_word = jax.lax.broadcasted_iota(jnp.uint32, shape, 2)
+  g = (
+      jax.lax.broadcasted_iota(jnp.uint32, shape, 1) * np.uint32(WORD // LANES)
+      + hash_in_word
+      + jnp.asarray(col_start, jnp.uint32) // np.uint32(LANES)
   )
   counter = t * np.uint32(groups_per_row) + g
-  k0 = keys[..., 0][..., None, None]
-  k1 = keys[..., 1][..., None, None]
+  k0 = keys[..., 0][..., None, None, None]
+  k1 = keys[..., 1][..., None, None, None]
   hi, lo = _threefry.threefry2x32(k0, k1, jnp.zeros((), jnp.uint32), counter)
-  lanes = [(word >> np.uint32(24 - 8 * i)) & np.uint32(0xFF) for word in (hi, lo) for i in range(4)]
-  byte = jnp.stack(lanes, axis=-1).reshape(hi.shape[:-1] + (cols,))
-  return (byte >= threshold) & keep_any
+  bits = jnp.zeros(hi.shape, jnp.uint32)
+  for lane in range(LANES):  # Most significant byte first.
+    word = hi if lane < 4 else lo
+    byte = (word >> np.uint32(24 - 8 * (lane % 4))) & np.uint32(0xFF)
+    bits = bits | ((byte >= threshold).astype(jnp.uint32) << np.uint32(lane))
+  bits = bits << (hash_in_word * np.uint32(LANES))
+  return jax.lax.reduce(bits, np.uint32(0), jax.lax.bitwise_or, (bits.ndim - 1,))
 
 
 def resolve_rate(rate, dtype=jnp.float32) -> _dropout._Threshold:
@@ -171,9 +194,9 @@ def threefry_key_data(key) -> jax.Array:
 def full_mask(key_data: jax.Array, resolved, shape: tuple[int, int, int, int]) -> jax.Array:
   """bool[shape]: the whole mask at once (``resolved`` from :func:`resolve_rate`)."""
   batch, heads, rows, cols = shape
-  groups = math.ceil(cols / LANES)
+  padded = math.ceil(cols / WORD) * WORD
   keep = keep_block(
-      head_keys(key_data, batch, heads), 0, rows, 0, groups * LANES, groups,
+      head_keys(key_data, batch, heads), 0, rows, 0, padded, math.ceil(cols / LANES),
       resolved.threshold, resolved.keep_any,
   )
   return keep[..., :cols]

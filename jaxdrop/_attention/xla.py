@@ -28,7 +28,7 @@ _F32 = jnp.float32
 
 
 class BlockSizes(NamedTuple):
-  """Tile sizes; any choice gives the same result (``k`` a multiple of 8)."""
+  """Tile sizes; any choice gives the same result (``k`` a multiple of 32)."""
 
   q: int = 256
   k: int = 512
@@ -37,7 +37,7 @@ class BlockSizes(NamedTuple):
   def for_shape(cls, rows: int, cols: int) -> BlockSizes:
     """The defaults, shrunk to the sequence lengths."""
     default = cls()
-    return cls(q=min(default.q, rows), k=min(default.k, _round_up(cols, mask_lib.LANES)))
+    return cls(q=min(default.q, rows), k=min(default.k, _round_up(cols, mask_lib.WORD)))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -340,14 +340,14 @@ def attention(q, k, v, bias, mask, key_data, rate, config: base.Config, blocks: 
   """Blockwise attention; arguments as :func:`base.reference` (already validated).
 
   Args:
-    blocks: tile sizes (``blocks.k`` a multiple of 8); None picks defaults.
+    blocks: tile sizes (``blocks.k`` a multiple of 32); None picks defaults.
   """
   rows, heads = q.shape[1], q.shape[2]
   cols, kv_heads = k.shape[1], k.shape[2]
   if blocks is None:
     blocks = BlockSizes.for_shape(rows, cols)
-  if blocks.k % mask_lib.LANES or blocks.q < 1 or blocks.k < 1:
-    raise ValueError(f"blocks.k must be a positive multiple of {mask_lib.LANES}, got {blocks}")
+  if blocks.k % mask_lib.WORD or blocks.q < 1 or blocks.k < 1:
+    raise ValueError(f"blocks.k must be a positive multiple of {mask_lib.WORD}, got {blocks}")
   layout = _Layout(rows, cols, heads, kv_heads, BlockSizes(*blocks))
   return _attention(layout, config, q, k, v, bias, mask, key_data, rate)
 
