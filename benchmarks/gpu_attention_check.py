@@ -201,9 +201,8 @@ def check_small(settings) -> None:
   for layout in pt.LAYOUTS:
     cases.append((f"bf16 causal GQA padding-mask dropout, layout={layout}", jnp.bfloat16,
                   True, 0.1, layout, head_dims[0], False))
-  for head_dim in head_dims:
-    cases.append((f"f32 (HIGHEST) bias+mask dropout H={head_dim}", jnp.float32, False, 0.2,
-                  "packed", head_dim, True))
+  cases.append((f"f32 (HIGHEST) bias+mask dropout H={head_dims[-1]}", jnp.float32, False, 0.2,
+                "packed", head_dims[-1], True))
   cases.append(("f16 no dropout causal", jnp.float16, True, 0.0, "packed", head_dims[-1], False))
   for name, dtype, causal, rate, layout, head_dim, with_bias in cases:
     with item(f"(b) small: {name}"):
@@ -481,7 +480,7 @@ def targets(settings) -> None:
   lines = [f"best layout at rate 0.1: {layout}"]
   if pallas is not None:
     lines.append(f"pallas fwd+bwd rate 0.1: {pallas:.3f} ms (target <= 3.7, stretch <= 2.6), "
-                 f"temp {pallas_temp} MB (target <= 150)")
+                 f"temp {'?' if pallas_temp is None else f'{pallas_temp:.1f}'} MB (target <= 150)")
   if pallas and flax:
     lines.append(f"speed-up over flax per-head: {flax / pallas:.2f}x (target >= 2)")
   if pallas and cudnn:

@@ -675,7 +675,10 @@ def _operand_reason(q, k, v, bias, mask, config: base.Config) -> str | None:
   if q.shape[1] == 0 or k.shape[1] == 0:
     return f"implementation='pallas' needs T, S >= 1, got T={q.shape[1]}, S={k.shape[1]}"
   if bias is not None and jnp.dtype(bias.dtype) not in DTYPES:
-    return f"implementation='pallas' supports bias dtypes {DTYPES}, got bias.dtype={bias.dtype}"
+    return (
+        f"implementation='pallas' supports bfloat16, float16 and float32 bias, got "
+        f"bias.dtype={jnp.dtype(bias.dtype)}"
+    )
   return None
 
 
