@@ -319,6 +319,7 @@ def test_same_key_same_output_different_key_different_output():
         (dict(dropout_rate=0.1, dropout_key=jax.random.split(KEY, 2)), ValueError, "dropout_key"),
         (dict(dropout_rate=0.1, dropout_key=3), TypeError, "dropout_key"),
         (dict(implementation="cudnn"), ValueError, "implementation"),
+        (dict(implementation="pallas", dropout_rate=0.1, dropout_key=KEY), ValueError, "GPU"),
         (dict(is_causal=1), TypeError, "is_causal"),
         (dict(scale="big"), TypeError, "scale"),
         (dict(deterministic=None), TypeError, "deterministic"),

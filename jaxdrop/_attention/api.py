@@ -16,7 +16,7 @@ from jaxdrop._attention import base
 from jaxdrop._attention import mask as mask_lib
 from jaxdrop._attention import xla
 
-IMPLEMENTATIONS = ("reference", "xla")
+IMPLEMENTATIONS = ("reference", "xla", "pallas")
 
 
 def _check_qkv(query, key, value) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -100,10 +100,19 @@ def _key_data(dropout_key, rate) -> jax.Array:
     raise type(error)(f"dropout_key: {error}") from error
 
 
+def _pallas():
+  # Imported on first use: Pallas is a heavy import that only GPUs need.
+  from jaxdrop._attention import pallas_triton
+
+  return pallas_triton
+
+
 @partial(jax.jit, static_argnames=("implementation", "config"))
 def _run(q, k, v, bias, mask, key_data, rate, *, implementation, config):
   if implementation == "reference":
     return base.reference(q, k, v, bias, mask, key_data, rate, config)
+  if implementation == "pallas":
+    return _pallas().attention(q, k, v, bias, mask, key_data, rate, config)
   return xla.attention(q, k, v, bias, mask, key_data, rate, config)
 
 
@@ -174,6 +183,10 @@ def attention(
       fixed_rate=fixed,
       precision=precision,
   )
+  if implementation == "pallas":
+    reason = _pallas().unsupported_reason(q, k, v, bias, mask, config)
+    if reason is not None:
+      raise ValueError(reason)
   return _run(q, k, v, bias, mask, key_data, rate, implementation=implementation, config=config)
 
 
@@ -220,9 +233,10 @@ def dot_product_attention(
     dropout_key: a threefry PRNG key; needed while dropout is active.
     deterministic: if True, no dropout (evaluation); no key is needed.
     implementation: ``None`` (the best available), ``"xla"`` (blockwise: the
-      flash-attention algorithm in ``jax.numpy``, memory linear in ``T``) or
-      ``"reference"`` (materializes every ``[B, N, T, S]`` array; the
-      oracle). Without dropout, ``None`` calls
+      flash-attention algorithm in ``jax.numpy``, memory linear in ``T``),
+      ``"pallas"`` (fused Triton kernels for NVIDIA GPUs; not yet chosen by
+      ``None``) or ``"reference"`` (materializes every ``[B, N, T, S]``
+      array; the oracle). Without dropout, ``None`` calls
       ``jax.nn.dot_product_attention``.
 
   Returns:
