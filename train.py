@@ -5,11 +5,10 @@
   python train.py --sweep 0.1,0.3,0.5    # test accuracy against the rate
   python train.py --help                 # every flag: the fields of Config below
 
-Every invocation also trains the rate-0 baseline: same model, seed, batches and
-steps; only the dropout rate differs. This file is the training loop, top to
-bottom: the config, the train state and its jitted step, one run, and main.
-The parts around it (data, models, evaluation, checkpoints, the run directory
-and the report) are in train_lib/; results are in docs/training.md.
+Every run is paired with a rate-0 baseline: same model, seed, batches and steps.
+This file is the training loop, top to bottom: the config, the jitted train
+step, one run and main. The parts around it are in train_lib/ (its __init__
+lists them); the results are in docs/training.md.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from train_lib.cli import NonNegativeInt, PositiveFloat, PositiveInt, between
 from train_lib.data import NUM_CLASSES, NUM_FEATURES, batch_indices, load_mnist1d
 from train_lib.devices import check_device_count, make_mesh, maybe_initialize_distributed, put
 from train_lib.interrupt import Interrupted, StopRequest
-from train_lib.models import create_state, dropout_schedule, model_and_optimizer
+from train_lib.models import TrainState, create_state, dropout_schedule, model_and_optimizer
 
 # ----------------------------------------------------------------------------
 # Config.
@@ -140,7 +139,7 @@ def check_config(config: Config, given: Collection[str]) -> Config:
 
 
 # ----------------------------------------------------------------------------
-# Train state and steps.
+# The train step.
 
 
 @jax.jit
@@ -174,7 +173,8 @@ def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.A
   keep = {}
   for name, counts in state.keep.items():
     (fraction,), (count,) = sown[name]["fraction"], sown[name]["count"]
-    keep[name] = counts + at_rate * jnp.stack([jnp.round(fraction * count).astype(jnp.int32), count])
+    kept = jnp.round(fraction * count).astype(jnp.int32)
+    keep[name] = counts + at_rate * jnp.stack([kept, count])
   return state.apply_gradients(grads=grads, keep=keep), {"loss": loss, "grads": grads}
 
 
@@ -183,11 +183,8 @@ class NonFiniteError(RuntimeError):
 
 
 def check_finite(step: int, outputs: dict[str, Any], checkpoints: str) -> None:
-  """chex.assert_tree_all_finite on a step's loss and gradients.
-
-  It runs on the host one step behind, overlapping the next step's compute
-  (``chex.chexify`` would allow it inside jit, but retraces every call).
-  """
+  """chex.assert_tree_all_finite on a step's loss and gradients, on the host one step
+  behind, overlapping the next step (``chex.chexify`` would retrace every call)."""
   try:
     chex.assert_tree_all_finite(outputs)
   except AssertionError as error:
@@ -302,13 +299,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   }
   table = report.format_table(config, runs, KEEP_SIGMAS)
   if is_writer:
-    path = lambda name: os.path.join(config.workdir, name)  # noqa: E731
-    order = {(r, s): i for i, (r, s) in enumerate((r["rate"], r["seed"]) for r in runs)}
-    workdir.rewrite_rows(path("metrics.jsonl"), lambda row: True,
-                         key=lambda row: (order[row["rate"], row["seed"]], row["step"]))
-    workdir.write_atomic(path("results.json"), workdir.dumps(results, indent=1) + "\n")
-    workdir.write_atomic(path("table.txt"), table + "\n")
-    report.save_plots(config, config.workdir, runs, workdir.read_rows(path("metrics.jsonl")))
+    report.write(config, results, table)
   print(table)
   print(f"{results['seconds']:.1f} s; results, metrics, plots and checkpoints in {config.workdir}")
   return workdir.strict(results)

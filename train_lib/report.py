@@ -1,4 +1,5 @@
-"""The results table (table.txt, printed at the end) and the plots (accuracy.png, sweep.png)."""
+"""The results table (table.txt, printed at the end), the plots (accuracy.png,
+sweep.png), and the files of a finished comparison."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from train_lib import workdir
 from train_lib.workdir import rate_label
 
 
@@ -98,7 +100,8 @@ def save_plots(config, workdir: str, runs: list[dict[str, Any]], rows: list[dict
     ax.plot(steps, 100 * np.array(mean("test_acc")), "-", color=f"C{i}", label=f"{label}, test")
     ax_nll.plot(steps, mean("test_nll"), "-", color=f"C{i}", label=label)
   seeds = len(config.seed_list)
-  ax.set_title(f"MNIST-1D {config.model}: accuracy" + (f", mean of {seeds} seeds" if seeds > 1 else ""))
+  mean_of = f", mean of {seeds} seeds" if seeds > 1 else ""
+  ax.set_title(f"MNIST-1D {config.model}: accuracy{mean_of}")
   ax.set_xlabel("step")
   ax.set_ylabel("accuracy (%)")
   ax_nll.set_title("test NLL (weight scaling)")
@@ -125,3 +128,15 @@ def save_plots(config, workdir: str, runs: list[dict[str, Any]], rows: list[dict
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "sweep.png"), dpi=100)
     plt.close(fig)
+
+
+def write(config, results: dict[str, Any], table: str) -> None:
+  """results.json, table.txt and the plots; metrics.jsonl in run order, as an
+  uninterrupted run writes it (a resumed run appends its redone rows last)."""
+  path = lambda name: os.path.join(config.workdir, name)  # noqa: E731
+  order = {(run["rate"], run["seed"]): i for i, run in enumerate(results["runs"])}
+  workdir.rewrite_rows(path("metrics.jsonl"), lambda row: True,
+                       key=lambda row: (order[row["rate"], row["seed"]], row["step"]))
+  workdir.write_atomic(path("results.json"), workdir.dumps(results, indent=1) + "\n")
+  workdir.write_atomic(path("table.txt"), table + "\n")
+  save_plots(config, config.workdir, results["runs"], workdir.read_rows(path("metrics.jsonl")))
