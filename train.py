@@ -212,7 +212,8 @@ def train_and_evaluate(config, rate, seed, model, tx, data, mesh, stop) -> dict[
   if config.resume:
     restored = restore_latest(checkpoints, state)
     state = state if restored is None else restored
-    print(f"resumed from step {int(state.step)} ({name})", flush=True)
+    print(f"resumed from step {int(state.step)} ({name})" if restored is not None
+          else f"no checkpoint of {name} yet: it starts from step 0", flush=True)
     if is_writer:  # The rows after that step are redone.
       same = lambda row: (row["rate"], row["seed"]) == (rate, seed)  # noqa: E731
       workdir.rewrite_rows(metrics, lambda row: not same(row) or row["step"] <= int(state.step))
