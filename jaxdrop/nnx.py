@@ -85,7 +85,8 @@ def stream_of(rngs: Any, rng_collection: str, owner: str) -> nnx.RngStream | Non
           f"  3. rng_collection=<one of {sorted(rngs)}>."
       ) from None
   raise TypeError(
-      f"rngs must be an nnx.Rngs, an nnx.RngStream or None, got "
+      f"rngs must be an nnx.Rngs, an nnx.RngStream or None (at call time also "
+      f"a key), got "
       f"rngs={rngs!r} of type {type(rngs).__name__}"
   )
 
