@@ -64,6 +64,15 @@ def allowed_positions(
   return allowed
 
 
+def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+  """Zero-pads ``axis`` of ``x`` to ``size``; a broadcast (size 1) axis stays as it is."""
+  if x.shape[axis] in (1, size):
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad)
+
+
 def grouped(x: jax.Array, heads: int, kv_heads: int) -> jax.Array:
   """``[b, n, ...]`` with ``n`` in {1, N} as ``[b, K, G, ...]`` (or ``[b, 1, 1, ...]``)."""
   if x.shape[1] == 1:

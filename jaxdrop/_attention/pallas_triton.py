@@ -627,14 +627,6 @@ def _attention_bwd(st, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
-  if x.shape[axis] in (1, size):
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad)
-
-
 def _dims(x: jax.Array | None) -> _Dims | None:
   return None if x is None else _Dims(*(size > 1 for size in x.shape))
 
@@ -728,13 +720,13 @@ def attention(
       bias=_dims(bias), mask=_dims(mask), layout=layout, precision=config.precision,
       interpret=bool(interpret),
   )
-  q = _pad_to(q, 1, rows_p)
-  k = _pad_to(k, 1, cols_p)
-  v = _pad_to(v, 1, cols_p)
+  q = base.pad_axis(q, 1, rows_p)
+  k = base.pad_axis(k, 1, cols_p)
+  v = base.pad_axis(v, 1, cols_p)
   if bias is not None:
-    bias = _pad_to(_pad_to(bias, 2, rows_p), 3, cols_p)
+    bias = base.pad_axis(base.pad_axis(bias, 2, rows_p), 3, cols_p)
   if mask is not None:
-    mask = _pad_to(_pad_to(mask.astype(jnp.int8), 2, rows_p), 3, cols_p)
+    mask = base.pad_axis(base.pad_axis(mask.astype(jnp.int8), 2, rows_p), 3, cols_p)
   keys = threshold = dscale = None
   if st.dropout:
     resolved = config.resolve(rate)

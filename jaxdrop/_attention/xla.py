@@ -79,28 +79,20 @@ class _Operands(NamedTuple):
   keys: jax.Array | None  # uint32[Bm, K|1, G|1, 2]
 
 
-def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-  if x.shape[axis] in (1, size):
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad)
-
-
 def _operands(layout: _Layout, config: base.Config, q, k, v, bias, mask, key_data) -> _Operands:
   rows_p = layout.num_q_blocks * layout.blocks.q
   cols_p = layout.num_k_blocks * layout.blocks.k
   heads, kv_heads = layout.heads, layout.kv_heads
   q = q.reshape(q.shape[0], layout.rows, kv_heads, heads // kv_heads, -1)
-  q = _pad_axis(q.transpose(0, 2, 3, 1, 4), 3, rows_p)
-  k = _pad_axis(k.transpose(0, 2, 1, 3), 2, cols_p)
-  v = _pad_axis(v.transpose(0, 2, 1, 3), 2, cols_p)
+  q = base.pad_axis(q.transpose(0, 2, 3, 1, 4), 3, rows_p)
+  k = base.pad_axis(k.transpose(0, 2, 1, 3), 2, cols_p)
+  v = base.pad_axis(v.transpose(0, 2, 1, 3), 2, cols_p)
 
   def blockable(x):
     if x is None:
       return None
     x = base.grouped(x, heads, kv_heads)
-    return _pad_axis(_pad_axis(x, 3, rows_p), 4, cols_p)
+    return base.pad_axis(base.pad_axis(x, 3, rows_p), 4, cols_p)
 
   keys = None
   if config.dropout:
@@ -237,7 +229,7 @@ def _backward(layout, config, residuals, d_out):
 
   def grouped_rows(x):  # [B, T, N, H] -> [B, K, G, Tp, H]
     x = x.reshape(batch, layout.rows, kv_heads, groups, -1).transpose(0, 2, 3, 1, 4)
-    return _pad_axis(x, 3, rows_p)
+    return base.pad_axis(x, 3, rows_p)
 
   d_out = grouped_rows(d_out)
   # D_t = sum_s P * dP = dO_t . O_t, dropout included (O = (P * keep * c) V).
