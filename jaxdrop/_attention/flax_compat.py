@@ -178,6 +178,7 @@ def nnx_dot_product_attention(
     ...     num_heads=2, in_features=8, dropout_rate=0.1, broadcast_dropout=False,
     ...     decode=False, attention_fn=jaxdrop.nnx.dot_product_attention,
     ...     rngs=nnx.Rngs(0))
+    >>> layer.train()  # or layer(x, deterministic=False)
     >>> layer(jnp.ones((1, 4, 8))).shape
     (1, 4, 8)
   """
