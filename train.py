@@ -306,11 +306,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   return workdir.strict(results)
 
 
-if __name__ == "__main__":
+def run(argv: Sequence[str] | None = None) -> int:
+  """The command line: main(), with its ends as messages and exit statuses."""
   try:
-    main()
+    main(argv)
   except (NonFiniteError, CheckpointError) as error:
-    sys.exit(f"error: {error}")
+    print(f"error: {error}", file=sys.stderr)
+    return 1
   except Interrupted as interrupted:
     print(interrupted, file=sys.stderr)
-    sys.exit(130)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(run())
