@@ -234,8 +234,9 @@ def train_and_evaluate(config, rate, seed, model, tx, data, mesh, stop) -> dict[
       bar.update(1)
       if done % 100 == 0:
         bar.set_postfix(loss=f"{float(outputs['loss']):.4f}", refresh=False)
+      stopping = stop.requested  # Read once: a SIGINT may arrive at any moment.
       is_eval = done % config.eval_every == 0 or done == config.steps
-      is_checkpoint = done % config.checkpoint_every == 0 or done == config.steps or stop.requested
+      is_checkpoint = done % config.checkpoint_every == 0 or done == config.steps or stopping
       if is_eval or is_checkpoint:
         check_finite(*pending, checkpoints)  # Before anything is written.
         pending = None
@@ -249,7 +250,7 @@ def train_and_evaluate(config, rate, seed, model, tx, data, mesh, stop) -> dict[
             f.write(workdir.dumps(row) + "\n")
       if is_checkpoint:
         checkpointer.save(done, state)
-      if stop.requested:
+      if stopping:
         raise Interrupted(done, name)
   finally:
     bar.close()
