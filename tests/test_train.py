@@ -222,6 +222,22 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted_run(small_run, interrupte
   assert read_metrics(str(tmp_path / "run")) == read_metrics(small_run[0])
 
 
+def test_sigint_during_an_evaluation_still_saves_the_step_it_names(tmp_path, monkeypatch, capsys):
+  real = train.evaluation.evaluate
+
+  def evaluate(state, data):  # At step 30 of the rate-0.5 run: an evaluation, no checkpoint.
+    if float(state.rate) == 0.5 and int(state.step) == 30:
+      signal.raise_signal(signal.SIGINT)
+    return real(state, data)
+
+  monkeypatch.setattr(train.evaluation, "evaluate", evaluate)
+  assert train.run([*SMALL, "--workdir", str(tmp_path)]) == 130
+  last = capsys.readouterr().err.strip().splitlines()[-1]
+  step = int(last.split()[3])
+  assert last == f"interrupted at step {step} ({RUN}); continue with --resume"
+  assert str(step) in os.listdir(tmp_path / "checkpoints" / RUN)
+
+
 def _cut_metadata(run_dir):
   path = os.path.join(run_dir, str(STOP_AT), "_METADATA")
   size = os.path.getsize(path)
