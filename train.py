@@ -34,6 +34,7 @@ from train_lib.checkpoints import Checkpointer, CheckpointError, restore_latest
 from train_lib.cli import NonNegativeInt, PositiveFloat, PositiveInt, between
 from train_lib.data import NUM_CLASSES, NUM_FEATURES, batch_indices, load_mnist1d
 from train_lib.devices import check_device_count, make_mesh, maybe_initialize_distributed, put
+from train_lib.evaluation import NonFiniteError, check_finite
 from train_lib.interrupt import Interrupted, StopRequest
 from train_lib.models import TrainState, create_state, dropout_schedule, model_and_optimizer
 
@@ -178,23 +179,6 @@ def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.A
   return state.apply_gradients(grads=grads, keep=keep), {"loss": loss, "grads": grads}
 
 
-class NonFiniteError(RuntimeError):
-  """The loss or the gradients stopped being finite."""
-
-
-def check_finite(step: int, outputs: dict[str, Any], checkpoints: str) -> None:
-  """chex.assert_tree_all_finite on a step's loss and gradients, on the host one step
-  behind, overlapping the next step (``chex.chexify`` would retrace every call)."""
-  try:
-    chex.assert_tree_all_finite(outputs)
-  except AssertionError as error:
-    raise NonFiniteError(
-        f"step {step}: the loss or the gradients are NaN or Inf, so training stopped. "
-        f"No checkpoint was written after it; the last good one is in {checkpoints}. "
-        f"Try a smaller --lr.\n{error}"
-    ) from None
-
-
 # ----------------------------------------------------------------------------
 # One run: a rate and a seed, trained (or resumed) and evaluated.
 
@@ -308,15 +292,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-  """The command line: main(), with its ends as messages and exit statuses."""
+  """The command line: main(), ending in a message and an exit status."""
   try:
     main(argv)
-  except (NonFiniteError, CheckpointError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 1
   except Interrupted as interrupted:
     print(interrupted, file=sys.stderr)
     return 130
+  except (NonFiniteError, CheckpointError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -1,5 +1,6 @@
-"""Evaluation: weight scaling (dropout off) and MC dropout, each jitted, giving accuracy,
-NLL and ECE; and the keep fractions of the dropout layers, checked with jaxdrop.checks."""
+"""Evaluation and the run's checks: weight scaling (dropout off) and MC dropout, each
+jitted, giving accuracy, NLL and ECE; the keep fractions of the dropout layers, checked with
+jaxdrop.checks; and the finiteness of every step's loss and gradients, checked with chex."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,3 +97,20 @@ def check_keep_fractions(keep: dict[str, jax.Array], rate: float, k: float, run:
       except AssertionError as error:
         raise AssertionError(f"{run}, dropout layer {layer!r}: {error}") from None
   return fractions
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or the gradients stopped being finite."""
+
+
+def check_finite(step: int, outputs: dict[str, Any], checkpoints: str) -> None:
+  """chex.assert_tree_all_finite on a step's loss and gradients, on the host one step
+  behind, overlapping the next step (``chex.chexify`` would retrace every call)."""
+  try:
+    chex.assert_tree_all_finite(outputs)
+  except AssertionError as error:
+    raise NonFiniteError(
+        f"step {step}: the loss or the gradients are NaN or Inf, so training stopped. "
+        f"No checkpoint was written after it; the last good one is in {checkpoints}. "
+        f"Try a smaller --lr.\n{error}"
+    ) from None
