@@ -6,6 +6,7 @@ The modules stack one way, bottom to top:
 - ``base``: the static configuration, input canonicalization and the
   materialized ``"reference"`` implementation (the oracle of the tests);
 - ``xla``: the blockwise flash-attention algorithm in ``jax.numpy``;
+- ``pallas_triton``: the same algorithm as fused Pallas kernels for GPUs;
 - ``api``: :func:`jaxdrop.dot_product_attention`, which validates its
   arguments and picks an implementation;
 - ``flax_compat``: ``attention_fn`` drop-ins for flax's attention modules.
