@@ -65,6 +65,8 @@ CASES = {
     "broadcast_bias_causal": ({}, True, (1, 4, 1, 40), None),
     "gqa_t_longer": (dict(rows=70, cols=40, heads=6, kv_heads=2), True, None, None),
     "mha": (dict(heads=3, kv_heads=3), False, (13, 40), None),
+    "one_key": (dict(cols=1), False, (1, 4, 13, 1), None),
+    "one_query_three_keys": (dict(rows=1, cols=3), True, None, (2, 1, 1, 3)),
 }
 # Tile sizes for each case: defaults, tiles that divide nothing, and square tiles.
 BLOCKS = {
@@ -75,6 +77,8 @@ BLOCKS = {
     "broadcast_bias_causal": xla.BlockSizes(q=16, k=32),
     "gqa_t_longer": xla.BlockSizes(q=16, k=32),
     "mha": None,
+    "one_key": xla.BlockSizes(q=5, k=32),
+    "one_query_three_keys": None,
 }
 
 
@@ -82,14 +86,12 @@ def case_arrays(name, dtype=jnp.float32):
   shape_kwargs, causal, bias_shape, mask_shape = CASES[name]
   q, k, v = inputs(dtype=dtype, **shape_kwargs)
   rng = np.random.default_rng(1)
-  full = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
   bias = None if bias_shape is None else jnp.asarray(rng.normal(size=bias_shape), dtype)
   mask = None
   if mask_shape is not None:
     mask = rng.random(size=mask_shape) > 0.3
     mask[..., 0] = True  # Keep every row attending somewhere here.
     mask = jnp.asarray(mask)
-  del full
   return q, k, v, bias, mask, causal
 
 
@@ -111,7 +113,7 @@ def test_xla_matches_reference_float32(name):
   kwargs = dict(is_causal=causal, dropout_rate=0.3, dropout_key=KEY)
   expected = loss_and_grads("reference", q, k, v, bias, mask, **kwargs)
   actual = loss_and_grads("xla", q, k, v, bias, mask, blocks=blocks, **kwargs)
-  np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)
+  np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5, atol=1e-5)
   for got, want in zip(actual[1], expected[1]):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
 
@@ -167,6 +169,18 @@ def test_dropped_weights_are_the_mask(implementation, blocks):
   np.testing.assert_array_equal(np.asarray(dropped) != 0, keep)
   scale = 256 / (256 - round(rate * 256))  # The test's own oracle of c.
   np.testing.assert_allclose(dropped, np.where(keep, np.asarray(plain) * scale, 0), rtol=1e-6)
+
+
+def test_mask_at_a_rate_that_rounds_near_a_half_is_the_attention_mask():
+  """The static threshold is rounded once, on the host, for the mask and the attention."""
+  rate = 0.5 / 256 + 1e-12  # round(rate * 256) = 1 in float64; float32 would give 0.
+  rows = cols = 64
+  q = k = jnp.zeros((1, rows, 1, cols))
+  v = jnp.eye(cols)[None, :, None, :]
+  out = jaxdrop.dot_product_attention(q, k, v, dropout_rate=rate, dropout_key=KEY)
+  keep = jaxdrop.attention_keep_mask(KEY, (1, 1, rows, cols), rate)
+  np.testing.assert_array_equal(np.asarray(out[:, :, 0]) != 0, np.asarray(keep[:, 0]))
+  assert not np.all(keep)
 
 
 def test_mask_is_independent_across_heads_and_batch():
@@ -242,6 +256,33 @@ def test_row_with_no_allowed_position_is_zero_with_finite_grads(implementation, 
   np.testing.assert_array_equal(grads[0][0, 3, 1], 0)
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+@pytest.mark.parametrize("implementation", [None, "xla", "reference"])
+def test_a_row_of_minus_inf_bias_is_a_row_with_no_allowed_position(implementation, rate):
+  q, k, v = inputs()
+  bias = np.zeros((1, 4, 13, 40), np.float32)
+  bias[0, 2, 5] = -np.inf  # Row t = 5 of head 2: no position left.
+  bias[0, 1, :, 7] = -np.inf  # Key s = 7 excluded for head 1.
+  bias = jnp.asarray(bias)
+
+  def loss(q, bias):
+    out = jaxdrop.dot_product_attention(
+        q, k, v, bias, implementation=implementation, dropout_rate=rate, dropout_key=KEY
+    )
+    return jnp.sum(out**2), out
+
+  grads, out = jax.grad(loss, argnums=(0, 1), has_aux=True)(q, bias)
+  np.testing.assert_array_equal(out[:, 5, 2], 0)
+  for g in grads:
+    assert np.all(np.isfinite(g))
+  masked = jnp.asarray(np.arange(40) != 7)[None, None, None, :]
+  expected = jaxdrop.dot_product_attention(
+      q, k, v, jnp.where(jnp.isfinite(bias), bias, 0), masked | (jnp.arange(4) != 1)[None, :, None, None],
+      implementation="reference", dropout_rate=rate, dropout_key=KEY,
+  )
+  np.testing.assert_allclose(out[:, :, 1], expected[:, :, 1], rtol=1e-5, atol=1e-6)
+
+
 def test_traced_rate_compiles_once_and_matches_static():
   q, k, v = inputs()
   traces = []
@@ -279,10 +320,15 @@ def test_rate_one_gives_zeros_and_needs_no_key():
   np.testing.assert_array_equal(traced, 0)
 
 
-def test_no_gradient_flows_to_the_rate():
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+def test_no_gradient_flows_to_the_rate(implementation):
   q, k, v = inputs()
   grad = jax.grad(
-      lambda r: jnp.sum(jaxdrop.dot_product_attention(q, k, v, dropout_rate=r, dropout_key=KEY))
+      lambda r: jnp.sum(
+          jaxdrop.dot_product_attention(
+              q, k, v, dropout_rate=r, dropout_key=KEY, implementation=implementation
+          )
+      )
   )(jnp.float32(0.3))
   assert grad == 0
 

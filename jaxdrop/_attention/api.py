@@ -117,11 +117,17 @@ def _run(q, k, v, bias, mask, key_data, rate, *, implementation, config):
 
 
 def _without_dropout(q, k, v, bias, mask, scale, is_causal) -> jax.Array:
-  """``jax.nn.dot_product_attention``, with rows that may attend nothing set to 0."""
-  out = jax.nn.dot_product_attention(
-      q, k, v, None if bias is None else bias.astype(q.dtype), mask,
-      scale=scale, is_causal=is_causal,
-  )
+  """``jax.nn.dot_product_attention``, with rows that may attend nothing set to 0.
+
+  A bias of -inf excludes a position as the mask does (the other paths' softmax
+  gives it weight 0), so it joins the mask: jax.nn would turn a row of them
+  into NaN.
+  """
+  if bias is not None:
+    finite = bias > -jnp.inf
+    mask = finite if mask is None else mask & finite
+    bias = jnp.where(finite, bias, 0).astype(q.dtype)
+  out = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, is_causal=is_causal)
   if mask is None:
     return out  # Every row may attend s = 0 at least.
   rows, cols = q.shape[1], k.shape[1]

@@ -65,12 +65,17 @@ def allowed_positions(
 
 
 def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-  """Zero-pads ``axis`` of ``x`` to ``size``; a broadcast (size 1) axis stays as it is."""
-  if x.shape[axis] in (1, size):
+  """Zero-pads ``axis`` of ``x`` (query, key, value: every axis is real) to ``size``."""
+  if x.shape[axis] == size:
     return x
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, size - x.shape[axis])
   return jnp.pad(x, pad)
+
+
+def pad_unless_broadcast(x: jax.Array, axis: int, size: int) -> jax.Array:
+  """:func:`pad_axis` for ``bias`` and ``mask``, whose size-1 axes broadcast and stay so."""
+  return x if x.shape[axis] == 1 else pad_axis(x, axis, size)
 
 
 def grouped(x: jax.Array, heads: int, kv_heads: int) -> jax.Array:
@@ -105,6 +110,7 @@ def reference(q, k, v, bias, mask, key_data, rate, config: Config) -> jax.Array:
     resolved = config.resolve(rate)
     heads_b, heads_n = config.dropout_heads
     keep = mask_lib.full_mask(key_data, resolved, (heads_b, heads_n, rows, cols))
+    # fill is 0, or NaN for a traced rate outside [0, 1] (the output is then NaN).
     probs = jnp.where(keep, probs * resolved.scale, resolved.fill)
   out = jnp.einsum("bnts,bsnh->btnh", probs, vr.astype(f32), precision=config.precision)
   return out.astype(q.dtype)

@@ -144,7 +144,8 @@ def attention_keep_mask(
     byte = (u[t, s // 8] >> (56 - 8 * (s % 8))) & 0xFF >= round(rate * 256)
     u = jax.random.bits(jax.random.fold_in(key, b * N + n), (T, ceil(S / 8)), jnp.uint64)
 
-  (the threshold is capped at 255 for a rate below 1; rate 1 keeps nothing).
+  (the threshold is capped at 255 for a rate below 1; rate 1 keeps nothing; the
+  ``jax.random`` form assumes the default ``jax_threefry_partitionable=True``).
   The keep probability is exactly ``(256 - t8) / 256``, and
   ``dot_product_attention`` scales kept weights by its inverse. Every
   implementation uses this mask, whatever its block size or sharding. A shape
@@ -177,7 +178,8 @@ def attention_keep_mask(
     return jnp.zeros(shape, bool)
   key_data = threefry_key_data(dropout_key)
   check_size(shape[2], shape[3])
-  return _mask(key_data, dropout_rate if fixed is None else fixed, shape=shape)
+  rate = None if fixed is not None else dropout_rate  # A static rate rounds on the host.
+  return _mask(key_data, rate, shape=shape, fixed_rate=fixed)
 
 
 def threefry_key_data(key) -> jax.Array:
@@ -202,7 +204,7 @@ def full_mask(key_data: jax.Array, resolved, shape: tuple[int, int, int, int]) -
   return keep[..., :cols]
 
 
-@partial(jax.jit, static_argnames=("shape",))
-def _mask(key_data, rate, *, shape):
-  resolved = resolve_rate(rate)
+@partial(jax.jit, static_argnames=("shape", "fixed_rate"))
+def _mask(key_data, rate, *, shape, fixed_rate):
+  resolved = resolve_rate(rate if fixed_rate is None else fixed_rate)
   return full_mask(key_data, resolved, shape) & resolved.valid

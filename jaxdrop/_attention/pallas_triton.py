@@ -724,9 +724,11 @@ def attention(
   k = base.pad_axis(k, 1, cols_p)
   v = base.pad_axis(v, 1, cols_p)
   if bias is not None:
-    bias = base.pad_axis(base.pad_axis(bias, 2, rows_p), 3, cols_p)
+    bias = base.pad_unless_broadcast(base.pad_unless_broadcast(bias, 2, rows_p), 3, cols_p)
   if mask is not None:
-    mask = base.pad_axis(base.pad_axis(mask.astype(jnp.int8), 2, rows_p), 3, cols_p)
+    mask = base.pad_unless_broadcast(
+        base.pad_unless_broadcast(mask.astype(jnp.int8), 2, rows_p), 3, cols_p
+    )
   keys = threshold = dscale = None
   if st.dropout:
     resolved = config.resolve(rate)

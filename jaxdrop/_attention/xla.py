@@ -92,7 +92,7 @@ def _operands(layout: _Layout, config: base.Config, q, k, v, bias, mask, key_dat
     if x is None:
       return None
     x = base.grouped(x, heads, kv_heads)
-    return base.pad_axis(base.pad_axis(x, 3, rows_p), 4, cols_p)
+    return base.pad_unless_broadcast(base.pad_unless_broadcast(x, 3, rows_p), 4, cols_p)
 
   keys = None
   if config.dropout:
@@ -170,6 +170,7 @@ def _forward(layout, config, q, k, v, bias, mask, key_data, rate):
       safe_top = jnp.where(jnp.isfinite(new_top), new_top, 0)
       weights = jnp.exp(logits - safe_top[..., None])
       rescale = jnp.exp(top - safe_top)
+      # The softmax is normalized before dropout: the sum counts dropped weights too.
       total = total * rescale + jnp.sum(weights, axis=-1)
       if resolved is not None:
         weights = jnp.where(_block_keep(layout, ops, resolved, t0, s0), weights, 0)
