@@ -37,7 +37,7 @@ _BITS = (32, 16)  # The modes: 32-bit decisions (default) or 16-bit (fast).
 _THREEFRY = "threefry2x32"
 
 # The name every dropout output carries, for jax.checkpoint policies such as
-# jax.checkpoint_policies.save_anything_except_these_names(CHECKPOINT_NAME).
+# jax.checkpoint_policies.save_any_names_but_these(CHECKPOINT_NAME) (see dropout).
 CHECKPOINT_NAME = "jaxdrop.dropout"
 
 _KEY_HELP = (
@@ -341,6 +341,8 @@ def resolve_rate(rate: Any, dtype: Any, bits: int = 32) -> _Threshold:
   levels = 2**bits
   fixed = static_rate(rate)
   if fixed is not None:
+    # Callers return zeros for a static rate of 1 before reaching here; the
+    # clamp keeps the threshold in uint32 and the scale finite regardless.
     threshold, p_keep = quantize_rate(min(fixed, 1 - 2**-bits), bits)
     return _Threshold(
         threshold=jnp.asarray(threshold, jnp.uint32),

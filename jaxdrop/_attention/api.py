@@ -94,10 +94,7 @@ def _key_data(dropout_key, rate) -> jax.Array:
         "key each step (e.g. jax.random.fold_in(key, step)), or "
         "deterministic=True to switch dropout off."
     )
-  try:
-    return mask_lib.threefry_key_data(dropout_key)
-  except (TypeError, ValueError) as error:
-    raise type(error)(f"dropout_key: {error}") from error
+  return mask_lib.threefry_key_data(dropout_key)
 
 
 def _pallas():

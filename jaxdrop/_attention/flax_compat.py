@@ -41,8 +41,10 @@ def _flat_batch(x: jax.Array | None, batch_shape: tuple[int, ...]) -> jax.Array 
 
 def _flax_attention(
     query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-    deterministic, precision, is_causal,
+    deterministic, precision, module, is_causal,
 ) -> jax.Array:
+  if module is not None:
+    raise ValueError(_MATERIALIZES.format(what="sow_weights=True", fix="sow_weights=False"))
   query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
   if query.ndim < 3:
     raise ValueError(f"query must be [batch..., T, N, H], got query.shape={query.shape}")
@@ -130,8 +132,6 @@ def linen_dot_product_attention(
     (1, 4, 8)
   """
   del force_fp32_for_softmax  # The softmax is float32 in every implementation.
-  if module is not None:
-    raise ValueError(_MATERIALIZES.format(what="sow_weights=True", fix="sow_weights=False"))
   for name, value_ in (
       ("einsum_dot_general", einsum_dot_general),
       ("qk_attn_weights_einsum", qk_attn_weights_einsum),
@@ -144,7 +144,7 @@ def linen_dot_product_attention(
   query, key, value = nn.dtypes.promote_dtype(query, key, value, dtype=dtype)
   return _flax_attention(
       query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-      deterministic, precision, is_causal=False,
+      deterministic, precision, module, is_causal=False,
   )
 
 
@@ -182,8 +182,6 @@ def nnx_dot_product_attention(
     >>> layer(jnp.ones((1, 4, 8))).shape
     (1, 4, 8)
   """
-  if module is not None:
-    raise ValueError(_MATERIALIZES.format(what="sow_weights=True", fix="sow_weights=False"))
   if promote_dtype is None:
     from flax.nnx.nn import dtypes  # Deferred: flax loads only when this is used.
 
@@ -191,5 +189,5 @@ def nnx_dot_product_attention(
   query, key, value = promote_dtype((query, key, value), dtype=dtype)
   return _flax_attention(
       query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-      deterministic, precision, is_causal=is_causal,
+      deterministic, precision, module, is_causal=is_causal,
   )

@@ -182,15 +182,16 @@ def attention_keep_mask(
   return _mask(key_data, rate, shape=shape, fixed_rate=fixed)
 
 
-def threefry_key_data(key) -> jax.Array:
-  """The uint32[2] data of a single threefry key; raises for other keys."""
-  key_data, impl = _dropout.split_key(key)
+def threefry_key_data(key, name: str = "dropout_key") -> jax.Array:
+  """The uint32[2] data of a single threefry key; errors name the argument ``name``."""
+  typed = _dropout.typed_key(key, name)
+  impl = str(jax.random.key_impl(typed))
   if impl != _dropout._THREEFRY:
     raise ValueError(
-        f"attention dropout needs a threefry2x32 key (jax.random.key's default), "
-        f"got a {impl!r} key"
+        f"{name}: attention dropout needs a threefry2x32 key (jax.random.key's "
+        f"default), got a {impl!r} key"
     )
-  return key_data
+  return jax.random.key_data(typed)
 
 
 def full_mask(key_data: jax.Array, resolved, shape: tuple[int, int, int, int]) -> jax.Array:
