@@ -4,15 +4,19 @@ Every item is wrapped so that a failure prints its error and the script goes
 on to the next:
 
   (a) on the device, the kernels' dropout bits equal ``attention_keep_mask``
-      (value = identity with S = H exposes them), for every hash layout;
+      (value = identity with S = H exposes them);
   (b) outputs and gradients match ``implementation="xla"``, at small shapes
       and at the benchmark shape;
   (c) a timing table, forward+backward and forward alone, B 8, T = S = 2048,
       N 16, H 64, bfloat16, rates 0 and 0.1: flax (per-head and shared
       dropout, and none), ``jax.nn`` cuDNN, the private cuDNN module with
-      dropout (timed only), jaxdrop ``"xla"`` and ``"pallas"`` (every layout),
-      with compiled temp memory; then causal T = S = 4096, T = 8192 for pallas,
-      and a small block-size sweep while time remains.
+      dropout (timed only), jaxdrop ``"xla"`` and ``"pallas"``, with compiled
+      temp memory; then causal T = S = 4096, T = 8192 for pallas, and a small
+      block-size sweep while time remains.
+
+Each section runs in its own process, so that a compiler crash or a host
+out-of-memory kill (as XLA's Triton pipeline gave for an earlier hash layout)
+loses that section only; the parent merges what each wrote.
 
 Run on a GPU:  ``python benchmarks/gpu_attention_check.py``
 On CPU (tiny shapes, Pallas interpreter, no cuDNN rows; tests this script):
@@ -31,6 +35,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -64,6 +69,7 @@ class Settings:
   warmup: int = 2
   reps: int = 10
   budget_s: float = 330.0  # optional items (causal, long, sweep) start only before this
+  section_timeout_s: float = 300.0  # a section's process is killed after this
   interpret: bool = False
   cudnn: bool = True
   small: tuple[int, int, int, int, int] = (2, 100, 80, 4, 2)  # B, T, S, N, K of checks
@@ -77,6 +83,7 @@ SMOKE_BLOCKS = pt.BlockSizes(q=16, k=16, q_dkv=16, k_dkv=16, q_dq=16, k_dq=16)
 
 START = time.perf_counter()
 RESULTS: dict = {"checks": [], "timings": [], "notes": []}
+PART: Path | None = None  # in a section's process: where RESULTS go after each item
 
 
 def elapsed() -> float:
@@ -97,6 +104,9 @@ def item(name: str):
   else:
     print(f"ok   {name} ({time.perf_counter() - t0:.1f} s)", flush=True)
     RESULTS["checks"].append({"name": name, "ok": True})
+  finally:
+    if PART is not None:
+      PART.write_text(json.dumps(RESULTS, default=str))
 
 
 def close(actual, expected, tol: float, what: str) -> None:
@@ -120,7 +130,7 @@ def config_for(settings, batch, heads, head_dim, causal, rate, precision=None):
   )
 
 
-def pallas_attention(settings, config, layout="packed", blocks=None, bias=None, mask=None):
+def pallas_attention(settings, config, blocks=None, bias=None, mask=None):
   """(q, k, v, key_data) -> out, with the kernels of ``pallas_triton``."""
   if settings.interpret and blocks is None:
     blocks = SMOKE_BLOCKS
@@ -128,7 +138,7 @@ def pallas_attention(settings, config, layout="packed", blocks=None, bias=None, 
   def fn(q, k, v, key_data):
     return pt.attention(
         q, k, v, bias, mask, key_data, None, config, blocks=blocks,
-        interpret=settings.interpret, layout=layout,
+        interpret=settings.interpret,
     )
 
   return fn
@@ -160,6 +170,7 @@ def qkv(seed, batch, rows, cols, heads, kv_heads, head_dim, dtype):
   return q, k, v, d_out
 
 
+PALLAS = "jaxdrop pallas"
 KEY = jax.random.key(1234)
 KEY_DATA = jax.random.key_data(KEY)
 
@@ -175,19 +186,18 @@ def check_mask_bits(settings) -> None:
   q, k, _, _ = qkv(0, batch, rows, cols, heads, kv_heads, cols, jnp.float32)
   v = jnp.broadcast_to(jnp.eye(cols)[None, :, None, :], (batch, cols, kv_heads, cols))
   for shared in (False, True):
-    for layout in pt.LAYOUTS if not shared else ("packed",):
-      with item(f"(a) mask bits == attention_keep_mask, layout={layout}, shared={shared}"):
-        config = base.Config(
-            scale=0.1, is_causal=False, dropout_heads=(1, 1) if shared else (batch, heads),
-            fixed_rate=0.5, precision=jax.lax.Precision.HIGHEST,
-        )
-        out = jax.jit(pallas_attention(settings, config, layout))(q, k, v, KEY_DATA)
-        shape = (1, 1, rows, cols) if shared else (batch, heads, rows, cols)
-        keep = np.asarray(jaxdrop.attention_keep_mask(KEY, shape, 0.5))
-        kept = np.asarray(out != 0).transpose(0, 2, 1, 3)
-        np.testing.assert_array_equal(kept, np.broadcast_to(keep, kept.shape))
-        want = base.reference(q, k, v, None, None, KEY_DATA, None, config)
-        close(out, want, 1e-4, "output vs reference")
+    with item(f"(a) mask bits == attention_keep_mask, shared={shared}"):
+      config = base.Config(
+          scale=0.1, is_causal=False, dropout_heads=(1, 1) if shared else (batch, heads),
+          fixed_rate=0.5, precision=jax.lax.Precision.HIGHEST,
+      )
+      out = jax.jit(pallas_attention(settings, config))(q, k, v, KEY_DATA)
+      shape = (1, 1, rows, cols) if shared else (batch, heads, rows, cols)
+      keep = np.asarray(jaxdrop.attention_keep_mask(KEY, shape, 0.5))
+      kept = np.asarray(out != 0).transpose(0, 2, 1, 3)
+      np.testing.assert_array_equal(kept, np.broadcast_to(keep, kept.shape))
+      want = base.reference(q, k, v, None, None, KEY_DATA, None, config)
+      close(out, want, 1e-4, "output vs reference")
 
 
 # ----------------------------------------------------------------------------
@@ -197,14 +207,13 @@ def check_mask_bits(settings) -> None:
 def check_small(settings) -> None:
   batch, rows, cols, heads, kv_heads = settings.small
   head_dims = (64, 128) if not settings.interpret else (16,)
-  cases = []
-  for layout in pt.LAYOUTS:
-    cases.append((f"bf16 causal GQA padding-mask dropout, layout={layout}", jnp.bfloat16,
-                  True, 0.1, layout, head_dims[0], False))
-  cases.append((f"f32 (HIGHEST) bias+mask dropout H={head_dims[-1]}", jnp.float32, False, 0.2,
-                "packed", head_dims[-1], True))
-  cases.append(("f16 no dropout causal", jnp.float16, True, 0.0, "packed", head_dims[-1], False))
-  for name, dtype, causal, rate, layout, head_dim, with_bias in cases:
+  cases = [
+      ("bf16 causal GQA padding-mask dropout", jnp.bfloat16, True, 0.1, head_dims[0], False),
+      (f"f32 (HIGHEST) bias+mask dropout H={head_dims[-1]}", jnp.float32, False, 0.2,
+       head_dims[-1], True),
+      ("f16 no dropout causal", jnp.float16, True, 0.0, head_dims[-1], False),
+  ]
+  for name, dtype, causal, rate, head_dim, with_bias in cases:
     with item(f"(b) small: {name}"):
       q, k, v, d_out = qkv(1, batch, rows, cols, heads, kv_heads, head_dim, dtype)
       lengths = jnp.array([cols, cols // 2] * batch)[:batch]
@@ -215,7 +224,7 @@ def check_small(settings) -> None:
       precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
       config = config_for(settings, batch, heads, head_dim, causal, rate, precision)
       if bias is None:
-        fns = [pallas_attention(settings, config, layout, mask=mask), xla_attention(config, mask=mask)]
+        fns = [pallas_attention(settings, config, mask=mask), xla_attention(config, mask=mask)]
         args = (q, k, v, KEY_DATA, d_out)
         got, want = (jax.jit(with_grads(f))(*args) for f in fns)
       else:
@@ -226,7 +235,7 @@ def check_small(settings) -> None:
           return jax.jit(run)
 
         args = (q, k, v, bias, KEY_DATA, d_out)
-        got = grads_with_bias(lambda b: pallas_attention(settings, config, layout, bias=b, mask=mask))(*args)
+        got = grads_with_bias(lambda b: pallas_attention(settings, config, bias=b, mask=mask))(*args)
         want = grads_with_bias(lambda b: xla_attention(config, bias=b, mask=mask))(*args)
       tol = 1e-4 if dtype == jnp.float32 else 3e-2
       close(got[0], want[0], tol, "out")
@@ -323,7 +332,7 @@ def main_shape(settings) -> str:
   return f"B{settings.batch} T=S={settings.seq} N{settings.heads} H{settings.head_dim} bf16"
 
 
-def main_table(settings) -> dict:
+def main_table(settings) -> None:
   b, t, n, h = settings.batch, settings.seq, settings.heads, settings.head_dim
   shape = main_shape(settings)
   q, k, v, d_out = qkv(2, b, t, t, n, n, h, jnp.bfloat16)
@@ -342,28 +351,14 @@ def main_table(settings) -> dict:
       time_row(settings, "cuDNN private (not reproducible)", rate, cudnn_private_fn(rate, False), args, shape)
     time_row(settings, "jaxdrop xla", rate, jaxdrop_xla_fn(rate, False), args, shape, keep)
     config = config_for(settings, b, n, h, False, rate)
-    for layout in pt.LAYOUTS:
-      time_row(settings, f"jaxdrop pallas {layout}", rate,
-               pallas_attention(settings, config, layout), args, shape, keep)
+    time_row(settings, PALLAS, rate, pallas_attention(settings, config), args, shape, keep)
   for rate in settings.rates:
-    for layout in pt.LAYOUTS:
-      if ("jaxdrop xla", rate) in keep and (f"jaxdrop pallas {layout}", rate) in keep:
-        with item(f"(b) benchmark shape: pallas {layout} == xla, rate={rate}"):
-          got, want = keep[(f"jaxdrop pallas {layout}", rate)], keep[("jaxdrop xla", rate)]
-          close(got[0], want[0], 3e-2, "out")
-          for name, g, w in zip(("dq", "dk", "dv"), got[1], want[1]):
-            close(g, w, 3e-2, name)
-  return keep
-
-
-def best_layout(settings) -> str:
-  """The fastest layout of the main table at rate 0.1, forward+backward ("packed" if none ran)."""
-  rows = [r for r in RESULTS["timings"]
-          if r["label"].startswith("jaxdrop pallas ") and r["rate"] and r["mode"] == "fwd+bwd"
-          and r["shape"] == main_shape(settings)]
-  if not rows:
-    return "packed"
-  return min(rows, key=lambda r: r["ms"])["label"].split()[-1]
+    if ("jaxdrop xla", rate) in keep and (PALLAS, rate) in keep:
+      with item(f"(b) benchmark shape: pallas == xla, rate={rate}"):
+        got, want = keep[(PALLAS, rate)], keep[("jaxdrop xla", rate)]
+        close(got[0], want[0], 3e-2, "out")
+        for name, g, w in zip(("dq", "dk", "dv"), got[1], want[1]):
+          close(g, w, 3e-2, name)
 
 
 def causal_table(settings) -> None:
@@ -371,14 +366,12 @@ def causal_table(settings) -> None:
   shape = f"causal B{b} T=S={t} N{n} H{h} bf16"
   q, k, v, d_out = qkv(3, b, t, t, n, n, h, jnp.bfloat16)
   args = (q, k, v, KEY_DATA, d_out)
-  layout = best_layout(settings)
   for rate in settings.rates:
     if elapsed() > settings.budget_s:
       RESULTS["notes"].append(f"skipped {shape} rate {rate}: time budget")
       continue
     config = config_for(settings, b, n, h, True, rate)
-    time_row(settings, f"jaxdrop pallas {layout}", rate,
-             pallas_attention(settings, config, layout), args, shape)
+    time_row(settings, PALLAS, rate, pallas_attention(settings, config), args, shape)
     if settings.cudnn:
       if not rate:
         time_row(settings, "jax.nn cuDNN", rate, cudnn_fn(True), args, shape)
@@ -399,8 +392,7 @@ def long_table(settings) -> None:
   q, k, v, d_out = qkv(4, b, t, t, n, n, h, jnp.bfloat16)
   args = (q, k, v, KEY_DATA, d_out)
   config = config_for(settings, b, n, h, False, 0.1)
-  time_row(settings, f"jaxdrop pallas {best_layout(settings)}", 0.1,
-           pallas_attention(settings, config, best_layout(settings)), args, shape)
+  time_row(settings, PALLAS, 0.1, pallas_attention(settings, config), args, shape)
   if nn is not None:
     with item(f"(c) flax per-head dropout temp memory at {shape} (compile only)"):
       lowered = jax.jit(with_grads(flax_fn(0.1, False))).lower(*args)
@@ -427,14 +419,13 @@ def sweep(settings) -> None:
   q, k, v, d_out = qkv(2, b, t, t, n, n, h, jnp.bfloat16)
   args = (q, k, v, KEY_DATA, d_out)
   config = config_for(settings, b, n, h, False, 0.1)
-  layout = best_layout(settings)
   for blocks in SWEEP:
     if elapsed() > settings.budget_s:
       RESULTS["notes"].append("block sweep cut short: time budget")
       return
-    label = (f"pallas {layout} fwd {blocks.q}x{blocks.k} dkv {blocks.q_dkv}x{blocks.k_dkv} "
+    label = (f"pallas fwd {blocks.q}x{blocks.k} dkv {blocks.q_dkv}x{blocks.k_dkv} "
              f"dq {blocks.q_dq}x{blocks.k_dq} warps {blocks.num_warps} stages {blocks.num_stages}")
-    time_row(settings, label, 0.1, pallas_attention(settings, config, layout, blocks), args,
+    time_row(settings, label, 0.1, pallas_attention(settings, config, blocks), args,
              shape, mode_list=("fwd+bwd", "fwd"))
 
 
@@ -471,13 +462,12 @@ def targets(settings) -> None:
         return r["ms"], r["temp_mb"]
     return None, None
 
-  layout = best_layout(settings)
-  pallas, pallas_temp = ms(f"jaxdrop pallas {layout}", 0.1)
+  pallas, pallas_temp = ms(PALLAS, 0.1)
   flax, _ = ms("flax, per-head dropout", 0.1)
   cudnn, _ = ms("cuDNN private (not reproducible)", 0.1)
-  fwd_drop, _ = ms(f"jaxdrop pallas {layout}", 0.1, "fwd")
-  fwd_none, _ = ms(f"jaxdrop pallas {layout}", 0.0, "fwd")
-  lines = [f"best layout at rate 0.1: {layout}"]
+  fwd_drop, _ = ms(PALLAS, 0.1, "fwd")
+  fwd_none, _ = ms(PALLAS, 0.0, "fwd")
+  lines = []
   if pallas is not None:
     lines.append(f"pallas fwd+bwd rate 0.1: {pallas:.3f} ms (target <= 3.7, stretch <= 2.6), "
                  f"temp {'?' if pallas_temp is None else f'{pallas_temp:.1f}'} MB (target <= 150)")
@@ -491,12 +481,60 @@ def targets(settings) -> None:
   print("\n".join(lines))
 
 
+def checks(settings) -> None:
+  check_mask_bits(settings)
+  check_small(settings)
+
+
+# Each runs in its own process, in this order.
+SECTIONS = {
+    "checks": checks, "main": main_table, "causal": causal_table, "long": long_table,
+    "sweep": sweep,
+}
+
+
+def run_section(name: str, settings, part: Path) -> None:
+  """The child: runs one section and writes its RESULTS to ``part``."""
+  global PART
+  PART = part
+  print(f"\n== section {name} ==", flush=True)
+  SECTIONS[name](settings)
+
+
+def run_children(options, settings, folder: Path) -> None:
+  """The parent: runs each section in a child process and merges what it wrote."""
+  for name in SECTIONS:
+    if name == "sweep" and options.no_sweep:
+      continue
+    part = folder / f"gpu_attention_check.{name}.part.json"
+    part.unlink(missing_ok=True)
+    command = [sys.executable, __file__, "--section", name, "--part", str(part),
+               "--budget-s", str(settings.budget_s - elapsed())]
+    if options.smoke:
+      command.append("--smoke")
+    try:
+      code = subprocess.run(command, check=False, timeout=settings.section_timeout_s).returncode
+    except subprocess.TimeoutExpired:
+      code = f"none: killed after {settings.section_timeout_s:.0f} s"
+    if part.exists():  # written after every item, so a crash keeps those before it
+      child = json.loads(part.read_text())
+      part.unlink()
+      for field in ("checks", "timings", "notes"):
+        RESULTS[field] += child[field]
+    if code != 0:
+      text = f"section {name}: the process ended with code {code} (a negative code is a signal)"
+      print(f"FAIL {text}", flush=True)
+      RESULTS["checks"].append({"name": f"section {name}", "ok": False, "error": text})
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
   parser.add_argument("--budget-s", type=float, default=None, help="stop optional items after this")
   parser.add_argument("--no-sweep", action="store_true", help="skip the block-size sweep")
   parser.add_argument("--out", default=None, help="folder for the JSON (default $OUT or benchmarks/results)")
+  parser.add_argument("--section", choices=list(SECTIONS), help=argparse.SUPPRESS)
+  parser.add_argument("--part", default=None, help=argparse.SUPPRESS)
   options = parser.parse_args(argv)
   settings = SMOKE if options.smoke else Settings()
   if options.budget_s is not None:
@@ -504,20 +542,18 @@ def main(argv=None) -> dict:
   if not options.smoke and jax.default_backend() != "gpu":
     print(f"no GPU (backend {jax.default_backend()}); use --smoke on CPU")
     return RESULTS
+  if options.section is not None:
+    run_section(options.section, settings, Path(options.part))
+    return RESULTS
   device = jax.devices()[0]
   RESULTS["meta"] = dict(
       device=getattr(device, "device_kind", str(device)), backend=jax.default_backend(),
       jax=jax.__version__, smoke=options.smoke, settings=dataclasses.asdict(settings),
   )
   print(f"device: {RESULTS['meta']['device']}, jax {jax.__version__}", flush=True)
-
-  check_mask_bits(settings)
-  check_small(settings)
-  main_table(settings)
-  causal_table(settings)
-  long_table(settings)
-  if not options.no_sweep:
-    sweep(settings)
+  folder = Path(options.out or os.environ.get("OUT") or Path(__file__).parent / "results")
+  folder.mkdir(parents=True, exist_ok=True)
+  run_children(options, settings, folder)
 
   print()
   print(table())
@@ -529,8 +565,6 @@ def main(argv=None) -> dict:
   for name in failed:
     print("  failed:", name)
   RESULTS["table_markdown"] = table()
-  folder = Path(options.out or os.environ.get("OUT") or Path(__file__).parent / "results")
-  folder.mkdir(parents=True, exist_ok=True)
   path = folder / ("gpu_attention_check_smoke.json" if options.smoke else "gpu_attention_check.json")
   path.write_text(json.dumps(RESULTS, indent=1, default=str))
   print("wrote", path)

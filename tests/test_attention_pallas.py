@@ -86,19 +86,15 @@ def identity_case():
     )
     reference = _jit(base.reference, static_argnums=7)(
         q, k, v, None, None, KEY_DATA, None, config)
-    layouts = pt.LAYOUTS if not shared else ("packed",)
-    for layout in layouts:
-      run = _jit(lambda q, k, v, config=config, layout=layout: pt.attention(
-          q, k, v, None, None, KEY_DATA, None, config, blocks=BLOCKS, interpret=True,
-          layout=layout))
-      results[shared, layout] = (run(q, k, v), reference)
+    run = _jit(lambda q, k, v, config=config: pt.attention(
+        q, k, v, None, None, KEY_DATA, None, config, blocks=BLOCKS, interpret=True))
+    results[shared] = (run(q, k, v), reference)
   return results, (batch, heads, rows, cols)
 
 
-@pytest.mark.parametrize("layout", pt.LAYOUTS)
-def test_mask_bits_equal_attention_keep_mask(identity_case, layout):
+def test_mask_bits_equal_attention_keep_mask(identity_case):
   results, shape = identity_case
-  out, reference = results[False, layout]
+  out, reference = results[False]
   keep = jaxdrop.attention_keep_mask(jax.random.wrap_key_data(KEY_DATA), shape, 0.5)
   kept = np.asarray(out != 0).transpose(0, 2, 1, 3)  # [B, T, N, S] -> [B, N, T, S]
   np.testing.assert_array_equal(kept, np.asarray(keep))
@@ -106,16 +102,9 @@ def test_mask_bits_equal_attention_keep_mask(identity_case, layout):
   _assert_close(out, reference, 1e-5)
 
 
-def test_layouts_give_identical_outputs(identity_case):
-  results, _ = identity_case
-  packed = np.asarray(results[False, "packed"][0])
-  for layout in pt.LAYOUTS:
-    np.testing.assert_array_equal(np.asarray(results[False, layout][0]), packed)
-
-
 def test_shared_mask_bits(identity_case):
   results, (batch, heads, rows, cols) = identity_case
-  out, reference = results[True, "packed"]
+  out, reference = results[True]
   keep = jaxdrop.attention_keep_mask(jax.random.wrap_key_data(KEY_DATA), (1, 1, rows, cols), 0.5)
   kept = np.asarray(out != 0).transpose(0, 2, 1, 3)
   np.testing.assert_array_equal(kept, np.broadcast_to(np.asarray(keep), kept.shape))
@@ -130,16 +119,16 @@ CASES = {
     # padded key tail and one query row that may attend nothing, dropout per head.
     "gqa_bias_mask_dropout": dict(
         shape=(1, 40, 24, 4, 2, 16), causal=False, rate=0.2, shared=False,
-        bias=(1, 4, 40, 24), mask="dead_row", blocks=BLOCKS, layout="packed"),
+        bias=(1, 4, 40, 24), mask="dead_row", blocks=BLOCKS),
     # Causal, a key-padding mask and a bias broadcast over heads and rows, one
-    # mask shared by all heads, mixed block sizes, the per-element layout.
+    # mask shared by all heads, mixed block sizes.
     "causal_shared_row_bias": dict(
         shape=(2, 48, 48, 2, 2, 32), causal=True, rate=0.3, shared=True,
-        bias=(2, 1, 1, 48), mask="key_padding", blocks=BLOCKS_MIXED, layout="per_element"),
-    # Causal with T > S, no dropout, no bias or mask, head dim 64, joined layout.
+        bias=(2, 1, 1, 48), mask="key_padding", blocks=BLOCKS_MIXED),
+    # Causal with T > S, no dropout, no bias or mask, head dim 64.
     "causal_no_dropout_h64": dict(
         shape=(1, 40, 24, 2, 1, 64), causal=True, rate=0.0, shared=False,
-        bias=None, mask=None, blocks=BLOCKS, layout="joined"),
+        bias=None, mask=None, blocks=BLOCKS),
 }
 
 
@@ -171,7 +160,7 @@ def case_results():
     fns = {
         "pallas": _value_and_grads(
             pt.attention, config, mask, KEY_DATA, d_out, blocks=spec["blocks"],
-            interpret=True, layout=spec["layout"]),
+            interpret=True),
         "xla": _value_and_grads(xla.attention, config, mask, KEY_DATA, d_out),
         "reference": _value_and_grads(base.reference, config, mask, KEY_DATA, d_out),
     }
@@ -270,7 +259,6 @@ def test_traced_rate_matches_static_rate_without_retracing(traced_rate_run):
 # need a GPU (benchmarks/gpu_attention_check.py).
 
 
-@pytest.mark.parametrize("layout", pt.LAYOUTS)
 @pytest.mark.parametrize(
     "dtype, head_dim, causal, with_bias, shared, rate",
     [
@@ -279,7 +267,7 @@ def test_traced_rate_matches_static_rate_without_retracing(traced_rate_run):
     ],
     ids=["bf16-h64-causal-bias", "f32-h128-shared-traced"],
 )
-def test_kernels_lower_to_triton_for_cuda(layout, dtype, head_dim, causal, with_bias, shared, rate):
+def test_kernels_lower_to_triton_for_cuda(dtype, head_dim, causal, with_bias, shared, rate):
   batch, rows, cols, heads, kv_heads = 2, 300, 200, 4, 2
   q = jax.ShapeDtypeStruct((batch, rows, heads, head_dim), dtype)
   kv = jax.ShapeDtypeStruct((batch, cols, kv_heads, head_dim), dtype)
@@ -290,7 +278,7 @@ def test_kernels_lower_to_triton_for_cuda(layout, dtype, head_dim, causal, with_
 
   def grads(q, k, v, bias, mask, key_data, rate):
     def loss(q, k, v, bias):
-      out = pt.attention(q, k, v, bias, mask, key_data, rate, config, layout=layout)
+      out = pt.attention(q, k, v, bias, mask, key_data, rate, config)
       return jnp.sum(out.astype(jnp.float32))
 
     return jax.grad(loss, argnums=(0, 1, 2, 3) if with_bias else (0, 1, 2))(q, k, v, bias)
@@ -347,8 +335,6 @@ def test_attention_raises_for_unsupported_and_bad_options():
   with pytest.raises(ValueError, match="H=48"):
     pt.attention(q, q, q, None, None, KEY_DATA, None, CONFIG, interpret=True)
   q = jnp.zeros((1, 8, 2, 16))
-  with pytest.raises(ValueError, match="layout='bytes'"):
-    pt.attention(q, q, q, None, None, KEY_DATA, None, CONFIG, interpret=True, layout="bytes")
   with pytest.raises(ValueError, match=r"blocks.k_dq=24"):
     pt.attention(q, q, q, None, None, KEY_DATA, None, CONFIG, interpret=True,
                  blocks=pt.BlockSizes(k_dq=24))

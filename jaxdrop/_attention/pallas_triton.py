@@ -25,16 +25,13 @@ Every kernel recomputes its dropout mask tile from the head key of
 Threefry-2x32 to 64 bits, which decide the eight weights ``s = 8 * (s // 8) +
 0..7`` (byte ``s % 8``, most significant first; :mod:`jaxdrop._attention.mask`
 defines it). So a ``bq x bk`` tile costs ``bq * bk / 8`` hashes, and the mask is
-never read or written. How the ``(bq, bk / 8)`` hash tile becomes a
-``(bq, bk)`` byte tile is a static choice (``layout``), all three giving the
-same bits:
-
-- ``"packed"``: hash ``(bq, bk / 8)``; broadcast each word to 8 lanes and
-  reshape, then pick a byte per lane by shifting.
-- ``"joined"``: hash ``(bq, bk / 8)``; split words into halves and bytes with
-  three two-way joins (``tt.join``, as Pallas unpacks int4) and reshape.
-- ``"per_element"``: hash every element with its own group's counter and pick
-  its byte: eight times the hashing, but only elementwise ops.
+never read or written. The ``(bq, bk / 8)`` hash tile becomes the ``(bq, bk)``
+byte tile by three two-way joins (``tt.join``, as Pallas unpacks int4): words
+into halves, halves into bytes, then a reshape, so byte ``s % 8`` lands at
+column ``s``. (Two other ways to the same bits, broadcasting each word to eight
+lanes and shifting, or hashing every element with its group's counter, made
+XLA's Triton pipeline in jax 0.10 crash or run out of host memory compiling the
+dk/dv kernel at 64 x 64 tiles; they were removed.)
 
 With ``is_causal`` the loops skip blocks that lie wholly above the diagonal:
 the forward and dq kernels stop at the last key block a query block can see,
@@ -66,7 +63,6 @@ from jaxdrop._attention import mask as mask_lib
 _F32 = jnp.float32
 _U32 = jnp.uint32
 _LOG2E = math.log2(math.e)
-LAYOUTS = ("packed", "joined", "per_element")
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _MIN_BLOCK = 16  # Triton's dot needs 16 rows and columns.
 # Named TritonCompilerParams in older jax releases.
@@ -151,7 +147,6 @@ class _Static(NamedTuple):
   shared_keys: bool  # one mask for every batch element and head
   bias: _Dims | None
   mask: _Dims | None
-  layout: str
   precision: object
   interpret: bool
 
@@ -175,42 +170,22 @@ class _Static(NamedTuple):
 # Tile computations shared by the kernels (traced inside them).
 
 
-def _pick_byte(hi, lo, lane):
-  """Byte ``lane`` (0..7, most significant first) of the 64 bits ``hi:lo``."""
-  word = jnp.where(lane < 4, hi, lo)
-  return (word >> ((np.uint32(3) - (lane & np.uint32(3))) * np.uint32(8))) & np.uint32(0xFF)
-
-
 def _keep_tile(st: _Static, k0, k1, threshold, t0, s0, rows: int, cols: int):
   """bool[rows, cols]: the dropout mask at queries ``t0 +`` and keys ``s0 +``.
 
   ``s0`` is a multiple of 8, so a row of the tile is ``cols / 8`` whole hash
-  groups. See the module docstring for the layouts.
+  groups (see the module docstring).
   """
-  lanes = mask_lib.LANES
-  per_row = np.uint32(st.groups_per_row)
-  if st.layout == "per_element":
-    t = lax.broadcasted_iota(jnp.int32, (rows, cols), 0) + t0
-    s = lax.broadcasted_iota(jnp.int32, (rows, cols), 1) + s0
-    counter = t.astype(_U32) * per_row + (s >> 3).astype(_U32)
-    hi, lo = _threefry.threefry2x32(k0, k1, jnp.zeros_like(counter), counter)
-    byte = _pick_byte(hi, lo, s.astype(_U32) & np.uint32(7))
-  else:
-    groups = cols // lanes
-    t = lax.broadcasted_iota(jnp.int32, (rows, groups), 0) + t0
-    g = lax.broadcasted_iota(jnp.int32, (rows, groups), 1) + (s0 >> 3)
-    counter = t.astype(_U32) * per_row + g.astype(_U32)
-    hi, lo = _threefry.threefry2x32(k0, k1, jnp.zeros_like(counter), counter)
-    if st.layout == "packed":
-      hi = jnp.broadcast_to(hi[:, :, None], (rows, groups, lanes)).reshape(rows, cols)
-      lo = jnp.broadcast_to(lo[:, :, None], (rows, groups, lanes)).reshape(rows, cols)
-      lane = lax.broadcasted_iota(_U32, (rows, cols), 1) & np.uint32(7)
-      byte = _pick_byte(hi, lo, lane)
-    else:  # "joined": index g * 8 + 4 * word + 2 * half + byte_in_half.
-      words = jnp.stack([hi, lo], axis=-1)
-      halves = jnp.stack([words >> np.uint32(16), words], axis=-1)
-      quarters = jnp.stack([halves >> np.uint32(8), halves], axis=-1)
-      byte = (quarters & np.uint32(0xFF)).reshape(rows, cols)
+  groups = cols // mask_lib.LANES
+  t = lax.broadcasted_iota(jnp.int32, (rows, groups), 0) + t0
+  g = lax.broadcasted_iota(jnp.int32, (rows, groups), 1) + (s0 >> 3)
+  counter = t.astype(_U32) * np.uint32(st.groups_per_row) + g.astype(_U32)
+  hi, lo = _threefry.threefry2x32(k0, k1, jnp.zeros_like(counter), counter)
+  # Column g * 8 + 4 * word + 2 * half + byte_in_half: byte s % 8, MSB first.
+  words = jnp.stack([hi, lo], axis=-1)
+  halves = jnp.stack([words >> np.uint32(16), words], axis=-1)
+  quarters = jnp.stack([halves >> np.uint32(8), halves], axis=-1)
+  byte = (quarters & np.uint32(0xFF)).reshape(rows, cols)
   return byte >= threshold
 
 
@@ -676,7 +651,7 @@ def _operand_reason(q, k, v, bias, mask, config: base.Config) -> str | None:
 
 def attention(
     q, k, v, bias, mask, key_data, rate, config: base.Config,
-    blocks: BlockSizes | None = None, interpret: bool = False, layout: str = "packed",
+    blocks: BlockSizes | None = None, interpret: bool = False,
 ):
   """Fused attention with dropout; arguments as :func:`xla.attention` (already validated).
 
@@ -691,18 +666,14 @@ def attention(
     blocks: tile sizes; None uses the :class:`BlockSizes` defaults, shrunk to
       the sequence lengths.
     interpret: run the kernels in the Pallas interpreter (any backend; slow).
-    layout: how the hash tile becomes bytes: ``"packed"``, ``"joined"`` or
-      ``"per_element"`` (identical bits; see the module docstring).
 
   Returns:
     ``[B, T, N, H]`` in the dtype of ``q``.
 
   Raises:
-    ValueError: bad ``blocks`` or ``layout``, or operands the kernels do not
+    ValueError: bad ``blocks``, or operands the kernels do not
       support (see :func:`unsupported_reason`, less its platform check).
   """
-  if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got layout={layout!r}")
   # No platform check here: the kernels also lower for "cuda" from another host
   # (jax.export); callers that pick an implementation use unsupported_reason.
   reason = _operand_reason(q, k, v, bias, mask, config)
@@ -717,7 +688,7 @@ def attention(
       rows=rows, cols=cols, rows_p=rows_p, cols_p=cols_p, heads=heads, kv_heads=kv_heads,
       head_dim=head_dim, blocks=blocks, scale=float(config.scale), causal=config.is_causal,
       dropout=config.dropout, shared_keys=tuple(config.dropout_heads) == (1, 1),
-      bias=_dims(bias), mask=_dims(mask), layout=layout, precision=config.precision,
+      bias=_dims(bias), mask=_dims(mask), precision=config.precision,
       interpret=bool(interpret),
   )
   q = base.pad_axis(q, 1, rows_p)
