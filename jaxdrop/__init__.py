@@ -20,6 +20,7 @@ from jaxdrop._dropout import CHECKPOINT_NAME as CHECKPOINT_NAME
 from jaxdrop._dropout import dropout as dropout
 from jaxdrop._dropout import keep_mask as keep_mask
 from jaxdrop._dropout import keep_probability as keep_probability
+from jaxdrop._dropout import relu_dropout as relu_dropout
 from jaxdrop._variants import alpha_dropout as alpha_dropout
 from jaxdrop._variants import drop_path as drop_path
 from jaxdrop._variants import drop_path_rates as drop_path_rates
@@ -53,6 +54,7 @@ __all__ = [
     "linen",
     "mc",
     "nnx",
+    "relu_dropout",
     "schedules",
     "spatial_dropout",
 ]

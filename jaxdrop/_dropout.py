@@ -439,6 +439,39 @@ def _dropout_kernel(key_data, x, rate, *, spec, fixed_rate):
   return _masked_scale(spec, key_data, x, resolved)
 
 
+# relu then dropout, differentiated from its output alone: where the output is
+# positive, the input was positive and kept; elsewhere the gradient is 0. The
+# output is the only residual (the next layer keeps it anyway), so neither the
+# mask nor the pre-activation stays alive for the backward pass.
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _relu_masked_scale(spec, key_data, x, resolved):
+  return _masked_scale.fun(spec, key_data, jax.nn.relu(x), resolved)
+
+
+def _relu_masked_scale_fwd(spec, key_data, x, resolved):
+  y = _relu_masked_scale(spec, key_data, x, resolved)
+  return y, (y, resolved)
+
+
+def _relu_masked_scale_bwd(spec, residuals, y_bar):
+  del spec
+  y, resolved = residuals
+  # fill * 0 is 0, or NaN for an invalid traced rate (as dropout's gradient).
+  scaled = y_bar.astype(resolved.scale.dtype) * resolved.scale
+  x_bar = jnp.where(y > 0, scaled, resolved.fill * 0).astype(y_bar.dtype)
+  return None, x_bar, None
+
+
+_relu_masked_scale.defvjp(_relu_masked_scale_fwd, _relu_masked_scale_bwd)
+
+
+@partial(jax.jit, static_argnames=("spec", "fixed_rate"))
+def _relu_dropout_kernel(key_data, x, rate, *, spec, fixed_rate):
+  rate = rate if fixed_rate is None else fixed_rate
+  resolved = resolve_rate(rate, x.dtype, spec.bits)
+  return _relu_masked_scale(spec, key_data, x, resolved)
+
+
 @partial(jax.jit, static_argnames=("spec", "fixed_rate"))
 def _mask_kernel(key_data, rate, *, spec, fixed_rate):
   rate = rate if fixed_rate is None else fixed_rate
@@ -573,6 +606,69 @@ def dropout(
   if fixed is not None:
     rate = None  # Passed as a static argument instead.
   y = _dropout_kernel(key_data, x, rate, spec=spec, fixed_rate=fixed)
+  return checkpoint_name(y, CHECKPOINT_NAME)
+
+
+def relu_dropout(
+    key: jax.typing.ArrayLike | None,
+    x: jax.typing.ArrayLike,
+    rate: float | jax.typing.ArrayLike,
+    deterministic: bool = False,
+    *,
+    broadcast_dims: Sequence[int] = (),
+    bits: int = 32,
+) -> jax.Array:
+  """``dropout(key, jax.nn.relu(x), rate, ...)``, whose backward pass keeps only the output.
+
+  The output is bit for bit that of the composition, and so is the gradient
+  (for a traced rate outside [0, 1] both are NaN, the gradient everywhere
+  rather than only where ``x > 0``).
+  The difference is what the backward pass keeps: an output element is
+  positive exactly where ``x`` was positive and kept (the scale is at least
+  1), so the gradient is ``where(y > 0, g / p_keep, 0)`` and ``y`` is its only
+  residual. The next layer keeps ``y`` for its own backward pass anyway, so a
+  ``Dense -> relu_dropout -> Dense`` stack trains in the memory of ``Dense ->
+  relu -> Dense``: no mask, no pre-activation and no recomputed dropout
+  output are stored (BENCHMARKS.md measures it), and the backward pass does
+  not hash.
+
+  Args:
+    key, rate, deterministic, broadcast_dims, bits: as for :func:`dropout`.
+    x: the pre-activation, of a floating dtype.
+
+  Returns:
+    ``jax.nn.relu(x)`` when ``deterministic`` or a static rate of 0, else the
+    dropped and rescaled activation, tagged like :func:`dropout`'s output.
+
+  Raises:
+    As :func:`dropout`.
+
+  Note:
+    The derivative is a ``custom_vjp``: reverse mode (``grad``, ``vjp``) only.
+    For forward mode (``jvp``, Hessians) compose
+    ``dropout(key, jax.nn.relu(x), rate)``, which gives the same values.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxdrop
+    >>> x = jnp.array([-1.0, 2.0, 3.0, -4.0])
+    >>> key = jax.random.key(0)
+    >>> y = jaxdrop.relu_dropout(key, x, 0.5)
+    >>> bool(jnp.all(y == jaxdrop.dropout(key, jax.nn.relu(x), 0.5)))
+    True
+  """
+  x = check_input(x)
+  fixed = static_rate(rate)
+  mask_shape = mask_shape_for(x.shape, broadcast_dims)
+  check_bits(bits)
+  if check_deterministic(deterministic) or fixed == 0.0:
+    return jax.nn.relu(x)
+  if fixed == 1.0:
+    return jnp.zeros_like(x)
+  key_data, impl = split_key(key)
+  spec = _mask_spec(impl, mask_shape, bits)
+  if fixed is not None:
+    rate = None  # Passed as a static argument instead.
+  y = _relu_dropout_kernel(key_data, x, rate, spec=spec, fixed_rate=fixed)
   return checkpoint_name(y, CHECKPOINT_NAME)
 
 

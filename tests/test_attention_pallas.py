@@ -255,8 +255,8 @@ def test_traced_rate_matches_static_rate_without_retracing(traced_rate_run):
 # ----------------------------------------------------------------------------
 # Triton lowering, without a GPU: Pallas lowers every kernel to Triton IR on
 # any host (jax.export does the same). This catches primitives without a
-# Triton rule and non-power-of-two tiles; Triton's own compiler passes still
-# need a GPU (benchmarks/gpu_attention_check.py).
+# Triton rule and non-power-of-two tiles; Triton's own compiler passes need
+# the CUDA plugin (benchmarks/aot_gpu.py compiles for an H100 without one).
 
 
 @pytest.mark.parametrize(

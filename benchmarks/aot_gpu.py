@@ -1,0 +1,214 @@
+"""Compiles for an H100 on a machine without a GPU: temp memory, and kernels that build.
+
+XLA compiles for a GPU it only has a description of (a "deviceless" AOT
+compile), so this runs on any Linux x86 host with the CUDA plugin installed
+(``pip install "jax[cuda12]"``, about 5 GB, in a separate virtual environment;
+the plugin needs ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1`` when no driver is
+present). It reports what a compile fixes, never a time:
+
+  (1) the MLP train step of issue 10 (3 x Dense 4096 + relu + dropout 0.1,
+      batch 8192, float32, Adam, donated; input width 4096): compiled temp
+      memory for no dropout, flax, jaxdrop (both modes), jaxdrop under
+      ``jax.checkpoint`` policies, and ``relu_dropout``;
+  (2) attention, B 8, T = S = 2048, N 16, H 64, bfloat16, forward+backward:
+      compiled temp memory of flax, jaxdrop ``"xla"`` and ``"pallas"``;
+  (3) the Pallas kernels through XLA's own Triton pipeline for each covered
+      case (the Pallas interpreter and Triton-IR lowering on CPU do not run
+      Triton's passes, where a layout once exhausted host memory).
+
+Run: ``JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/aot_gpu.py``
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.experimental import topologies
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jaxdrop  # noqa: E402
+from jaxdrop._attention import pallas_triton  # noqa: E402
+
+# The device description XLA compiles against (an H100 SXM, as reported by one).
+H100 = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 84929347584
+  shared_memory_per_block_optin: 232448 cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
+@functools.cache
+def replicated() -> jax.sharding.NamedSharding:
+  topology = topologies.get_topology_desc(platform="cuda", target_config=H100, topology="1x1x1")
+  mesh = topologies.make_mesh(topology, (1,), ("x",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def on_h100(tree):
+  """Shape-dtype structs of ``tree``'s leaves, placed on the described H100."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated()), tree)
+
+
+def temp_mb(fn, *args, donate=()) -> float:
+  compiled = jax.jit(fn, donate_argnums=donate).lower(*on_h100(args)).compile()
+  return compiled.memory_analysis().temp_size_in_bytes / 1e6
+
+
+def report(name: str, compute) -> None:
+  """Prints one row; a failure prints its error and the run goes on."""
+  start = time.perf_counter()
+  try:
+    value = compute()
+  except Exception as error:  # noqa: BLE001 - every row is reported
+    print(f"  {name:<58} FAILED {type(error).__name__}: {str(error)[:300]}", flush=True)
+    traceback.print_exc(limit=2)
+    return
+  print(f"  {name:<58} {value:10.1f} MB  ({time.perf_counter() - start:.1f} s)", flush=True)
+
+
+# ----------------------------------------------------------------------------
+# (1) The MLP step.
+
+WIDTH, BATCH, RATE = 4096, 8192, 0.1
+POLICIES = jax.checkpoint_policies
+
+
+class MLP(nn.Module):
+  """3 x (Dense, relu, dropout) then Dense(10); ``layer(h)`` is relu + dropout."""
+
+  layer: str = "none"  # "none", "flax", "jaxdrop", "bits16" or "relu_dropout"
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(3):
+      h = jax.ad_checkpoint.checkpoint_name(nn.Dense(WIDTH)(x), "dense")
+      if self.layer == "relu_dropout":
+        x = jaxdrop.relu_dropout(self.make_rng("dropout"), h, RATE)
+      else:
+        x = nn.relu(h)
+        if self.layer == "flax":
+          x = nn.Dropout(RATE, deterministic=False)(x)
+        elif self.layer != "none":
+          bits = 16 if self.layer == "bits16" else 32
+          x = jaxdrop.linen.Dropout(RATE, deterministic=False, bits=bits)(x)
+    return nn.Dense(10)(x)
+
+
+def mlp_step_temp(layer: str, policy=None) -> float:
+  model, tx = MLP(layer), optax.adam(1e-3)
+  x = jnp.zeros((BATCH, WIDTH))
+  labels = jnp.zeros((BATCH,), jnp.int32)
+  key = jax.random.key(0)
+
+  def step(params, opt_state, x, labels, key):
+    def loss(params):
+      logits = model.apply({"params": params}, x, rngs={"dropout": key})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    if policy is not None:
+      loss = jax.checkpoint(loss, policy=policy)
+    grads = jax.grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params = jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, x)["params"])
+  opt_state = jax.eval_shape(tx.init, params)
+  return temp_mb(step, params, opt_state, x, labels, key, donate=(0, 1))
+
+
+def mlp_table() -> None:
+  print(f"(1) MLP step, 3 x Dense {WIDTH}, batch {BATCH}, float32, Adam, donated: temp memory")
+  not_dropout = POLICIES.save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
+  rows = {
+      "no dropout": ("none", None),
+      "flax.linen.Dropout": ("flax", None),
+      "jaxdrop.linen.Dropout": ("jaxdrop", None),
+      "jaxdrop.linen.Dropout bits=16": ("bits16", None),
+      "jaxdrop + checkpoint(save_any_names_but_these)": ("jaxdrop", not_dropout),
+      "no dropout + checkpoint(save_any_names_but_these)": ("none", not_dropout),
+      "jaxdrop.relu_dropout": ("relu_dropout", None),
+  }
+  for name, (layer, policy) in rows.items():
+    report(name, functools.partial(mlp_step_temp, layer, policy))
+
+
+# ----------------------------------------------------------------------------
+# (2) and (3) Attention.
+
+
+def attention_temp(implementation: str, rate: float, *, batch=8, seq=2048, kv_seq=None,
+                   heads=16, kv_heads=None, head_dim=64, dtype=jnp.bfloat16, causal=False,
+                   bias_shape=None, padding_mask=False) -> float:
+  kv_seq, kv_heads = kv_seq or seq, kv_heads or heads
+  q = jnp.zeros((batch, seq, heads, head_dim), dtype)
+  kv = jnp.zeros((batch, kv_seq, kv_heads, head_dim), dtype)
+  bias = None if bias_shape is None else jnp.zeros(bias_shape, dtype)
+  mask = jnp.ones((batch, 1, 1, kv_seq), bool) if padding_mask else None
+  key_data = jax.random.key_data(jax.random.key(0))
+
+  def loss(q, k, v, bias, mask, key_data):
+    key = jax.random.wrap_key_data(key_data)
+    if implementation == "flax":
+      out = nn.dot_product_attention(q, k, v, bias=bias, mask=mask, dropout_rng=key,
+                                     dropout_rate=rate, broadcast_dropout=False,
+                                     deterministic=rate == 0)
+    else:
+      out = jaxdrop.dot_product_attention(q, k, v, bias, mask, is_causal=causal,
+                                          dropout_rate=rate, dropout_key=key,
+                                          implementation=implementation)
+    return jnp.sum(out.astype(jnp.float32))
+
+  grad = jax.grad(loss, argnums=(0, 1, 2) if bias is None else (0, 1, 2, 3))
+  return temp_mb(grad, q, kv, kv, bias, mask, key_data)
+
+
+def attention_tables() -> None:
+  # The kernels compile for "gpu" only; this host's backend is the CPU.
+  check = pallas_triton.unsupported_reason
+  pallas_triton.unsupported_reason = functools.partial(check, platform="gpu")
+  print("\n(2) attention B8 T=S=2048 N16 H64 bf16, forward+backward: temp memory")
+  for name, implementation, rate in (
+      ("flax, per-head dropout 0.1", "flax", 0.1), ("flax, no dropout", "flax", 0.0),
+      ("jaxdrop xla, dropout 0.1", "xla", 0.1), ("jaxdrop pallas, dropout 0.1", "pallas", 0.1),
+      ("jaxdrop pallas, no dropout", "pallas", 0.0),
+  ):
+    report(name, functools.partial(attention_temp, implementation, rate))
+  print("\n(3) Pallas kernels through XLA's Triton pipeline (forward+backward, dropout 0.1)")
+  cases = {
+      "causal T=S=4096": dict(seq=4096, causal=True),
+      "T=S=8192": dict(seq=8192),
+      "H 128": dict(head_dim=128),
+      "float16": dict(dtype=jnp.float16),
+      "float32": dict(dtype=jnp.float32),
+      "GQA 16/4 heads": dict(kv_heads=4),
+      "T 1000, S 1500, padding mask": dict(seq=1000, kv_seq=1500, padding_mask=True),
+      "bias [1,N,1,S]": dict(bias_shape=(1, 16, 1, 2048)),
+      "bias [1,1,T,S], B 2": dict(batch=2, bias_shape=(1, 1, 2048, 2048)),
+  }
+  for name, options in cases.items():
+    report(name, functools.partial(attention_temp, "pallas", 0.1, **options))
+  pallas_triton.unsupported_reason = check
+
+
+if __name__ == "__main__":
+  print(f"jax {jax.__version__}; compiling for: {H100.strip().splitlines()[-1]}")
+  mlp_table()
+  attention_tables()
