@@ -9,7 +9,8 @@ a rotating position) and the median of the repeats is reported:
    and one write, what any elementwise op must pay (its backward, ``2 * w``,
    is one read and one write too);
 2. temp bytes (``memory_analysis()``) of a donated, jitted MLP train step
-   (784-1024-1024-10, batch 256, Adam, dropout after each hidden relu);
+   (784-1024-1024-10, batch 256 unless --mlp-* say otherwise; Adam, dropout
+   after each hidden relu, or relu_dropout in place of both);
 3. the time of that train step.
 
 Usage (from the repository root):
@@ -69,6 +70,7 @@ FAST = "jaxdrop.dropout bits=16"
 FAST_LINEN = "jaxdrop.linen.Dropout bits=16"
 REMAT_POLICY = "remat policy"  # save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
 REMAT = "jaxdrop.linen.Dropout + " + REMAT_POLICY
+RELU_DROPOUT = "jaxdrop.relu_dropout"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,11 @@ class Config:
   # 10 ms elsewhere), so that small arrays are not timed at the clock's grain.
   min_sample_s: float | None = None
   train_rate: float = 0.1  # dropout rate in the MLP.
+  # The MLP: input width, hidden widths (each Dense, relu, dropout) and batch.
+  # Issue 10's GPU step is --mlp-inputs 4096 --mlp-widths 4096 4096 4096 --mlp-batch 8192.
+  mlp_inputs: int = 784
+  mlp_widths: tuple[int, ...] = (1024, 1024)
+  mlp_batch: int = 256
   train_repeats: int = 15
   train_min_sample_s: float = 0.1
   fast: bool = True  # also time the fast mode (bits=16).
@@ -205,33 +212,43 @@ def print_elementwise(records: list[dict]) -> None:
 
 
 class MLP(nn.Module):
-  dropout: Callable[..., nn.Module] | None  # a linen Dropout class, or None.
+  # A linen Dropout class, RELU_DROPOUT (jaxdrop.relu_dropout in place of relu
+  # and dropout), or None.
+  dropout: Callable[..., nn.Module] | str | None
   rate: float = 0.1
+  widths: tuple[int, ...] = (1024, 1024)
   # A jax.checkpoint policy for the loss, or None for no checkpointing. The
   # dense outputs are named "dense" so that names-based policies can keep them.
   remat_policy: Callable[..., Any] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    for width in (1024, 1024):
-      x = nn.relu(checkpoint_name(nn.Dense(width)(x), "dense"))
+    for width in self.widths:
+      h = checkpoint_name(nn.Dense(width)(x), "dense")
+      if self.dropout == RELU_DROPOUT:
+        x = jaxdrop.relu_dropout(self.make_rng("dropout") if train else None, h, self.rate,
+                                 deterministic=not train)
+        continue
+      x = nn.relu(h)
       if self.dropout is not None:
         x = self.dropout(self.rate, deterministic=not train)(x)
     return nn.Dense(10)(x)
 
 
 def train_models(cfg: Config) -> dict[str, nn.Module]:
+  mlp = functools.partial(MLP, rate=cfg.train_rate, widths=cfg.mlp_widths)
   models = {
-      "no dropout": MLP(None, cfg.train_rate),
-      "jaxdrop.linen.Dropout": MLP(jaxdrop.linen.Dropout, cfg.train_rate),
-      FLAX: MLP(nn.Dropout, cfg.train_rate),
+      "no dropout": mlp(None),
+      "jaxdrop.linen.Dropout": mlp(jaxdrop.linen.Dropout),
+      FLAX: mlp(nn.Dropout),
   }
   if cfg.fast:
-    models[FAST_LINEN] = MLP(functools.partial(jaxdrop.linen.Dropout, bits=16), cfg.train_rate)
-  # The documented way to keep no dropout output for the backward pass.
+    models[FAST_LINEN] = mlp(functools.partial(jaxdrop.linen.Dropout, bits=16))
+  models[RELU_DROPOUT] = mlp(RELU_DROPOUT)
+  # Recomputing the dropout outputs under jax.checkpoint (docs/semantics.md).
   policy = jax.checkpoint_policies.save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
-  models[REMAT] = MLP(jaxdrop.linen.Dropout, cfg.train_rate, remat_policy=policy)
-  models["no dropout + " + REMAT_POLICY] = MLP(None, cfg.train_rate, remat_policy=policy)
+  models[REMAT] = mlp(jaxdrop.linen.Dropout, remat_policy=policy)
+  models["no dropout + " + REMAT_POLICY] = mlp(None, remat_policy=policy)
   return models
 
 
@@ -254,8 +271,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation) -> Calla
 
 def bench_train_step(cfg: Config) -> dict:
   batch = (
-      jax.random.normal(jax.random.key(3), (256, 784), jnp.float32),
-      jax.random.randint(jax.random.key(4), (256,), 0, 10),
+      jax.random.normal(jax.random.key(3), (cfg.mlp_batch, cfg.mlp_inputs), jnp.float32),
+      jax.random.randint(jax.random.key(4), (cfg.mlp_batch,), 0, 10),
   )
   # One fixed key: the masks do not change the cost, and a per-step fold_in
   # would add a dispatch to every timed call.
@@ -303,7 +320,8 @@ def bench_train_step(cfg: Config) -> dict:
                  samples_ms=[s * 1e3 for s in samples[name]])
       for name in names
   }
-  print("\nMLP train step 784-1024-1024-10, batch 256, Adam, donated; "
+  widths = "-".join(str(w) for w in (cfg.mlp_inputs, *cfg.mlp_widths, 10))
+  print(f"\nMLP train step {widths}, batch {cfg.mlp_batch}, Adam, donated; "
         f"dropout rate {cfg.train_rate} after each hidden relu")
   print(f"  {'variant':<31}{'temp bytes':>12}{'vs none':>11}{'step ms':>10}{'x none':>8}")
   for name in names:
@@ -422,12 +440,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
   parser.add_argument("--rates", type=float, nargs="+")
   parser.add_argument("--repeats", type=int)
   parser.add_argument("--no-fast", action="store_true", help="leave out the bits=16 rows")
+  parser.add_argument("--mlp-inputs", type=int, help="the MLP's input width")
+  parser.add_argument("--mlp-widths", type=int, nargs="+", help="its hidden widths")
+  parser.add_argument("--mlp-batch", type=int, help="its batch size")
   parser.add_argument("--json", default=None, help="write the results to this path")
   args = parser.parse_args(argv)
   cfg = dataclasses.replace(defaults, **QUICK) if args.quick else defaults
   overrides = dict(platform=args.platform, json=args.json,
                    fast=cfg.fast and not args.no_fast)
-  for field in ("log2_sizes", "dtypes", "rates", "repeats"):
+  for field in ("log2_sizes", "dtypes", "rates", "repeats", "mlp_inputs", "mlp_widths",
+                "mlp_batch"):
     value = getattr(args, field)
     if value is not None:
       overrides[field] = tuple(value) if isinstance(value, list) else value

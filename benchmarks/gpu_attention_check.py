@@ -501,8 +501,8 @@ def run_section(name: str, settings, part: Path) -> None:
   SECTIONS[name](settings)
 
 
-def run_children(options, settings, folder: Path) -> None:
-  """The parent: runs each section in a child process and merges what it wrote."""
+def run_children(options, settings, folder: Path, save) -> None:
+  """The parent: runs each section in a child process, merges what it wrote, saves."""
   for name in SECTIONS:
     if name == "sweep" and options.no_sweep:
       continue
@@ -525,6 +525,7 @@ def run_children(options, settings, folder: Path) -> None:
       text = f"section {name}: the process ended with code {code} (a negative code is a signal)"
       print(f"FAIL {text}", flush=True)
       RESULTS["checks"].append({"name": f"section {name}", "ok": False, "error": text})
+    save()
 
 
 def main(argv=None) -> dict:
@@ -553,7 +554,12 @@ def main(argv=None) -> dict:
   print(f"device: {RESULTS['meta']['device']}, jax {jax.__version__}", flush=True)
   folder = Path(options.out or os.environ.get("OUT") or Path(__file__).parent / "results")
   folder.mkdir(parents=True, exist_ok=True)
-  run_children(options, settings, folder)
+  path = folder / ("gpu_attention_check_smoke.json" if options.smoke else "gpu_attention_check.json")
+
+  def save() -> None:  # after every section, so that a killed run keeps what finished
+    path.write_text(json.dumps(RESULTS, indent=1, default=str))
+
+  run_children(options, settings, folder, save)
 
   print()
   print(table())
@@ -565,8 +571,7 @@ def main(argv=None) -> dict:
   for name in failed:
     print("  failed:", name)
   RESULTS["table_markdown"] = table()
-  path = folder / ("gpu_attention_check_smoke.json" if options.smoke else "gpu_attention_check.json")
-  path.write_text(json.dumps(RESULTS, indent=1, default=str))
+  save()
   print("wrote", path)
   return RESULTS
 

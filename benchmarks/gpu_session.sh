@@ -1,0 +1,23 @@
+#!/bin/bash
+# The one device call for the open GPU work (issues 9 and 10), about 9 minutes:
+#   run(command="bash benchmarks/gpu_session.sh", timeout_s=590)
+# Each step has its own time limit and writes its results as it goes, so a
+# failure or a cut-off keeps what came before. Results land in $OUT (or
+# benchmarks/results): gpu_attention_check.json, gpu-issue10.json and logs.
+set -u -o pipefail
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+
+# Issue 9: attention kernels, checks then timings (optional items stop at the budget).
+timeout 330 python benchmarks/gpu_attention_check.py --budget-s 220 --out "$OUT" 2>&1 \
+  | tee "$OUT/attention.log"
+
+# Issue 10: masks equal jax.random.bits on the device, then the elementwise and
+# MLP-step numbers at the issue's shapes (2^28 elements; 3 x Dense 4096, batch 8192).
+timeout 45 python benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log"
+timeout 180 python benchmarks/bench.py --platform gpu --log2-sizes 28 --rates 0.1 \
+  --mlp-inputs 4096 --mlp-widths 4096 4096 4096 --mlp-batch 8192 \
+  --json "$OUT/gpu-issue10.json" 2>&1 | tee "$OUT/bench.log"
