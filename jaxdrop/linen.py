@@ -153,6 +153,29 @@ class Dropout(_Stochastic):
     return {"broadcast_dims": self.broadcast_dims, "bits": self.bits}
 
 
+class ReluDropout(Dropout):
+  """``nn.relu`` then :class:`Dropout` in one layer, whose backward pass keeps only its output.
+
+  Computes :func:`jaxdrop.relu_dropout`, equal in value and gradient to
+  ``Dropout(rate)(nn.relu(inputs))``. The backward pass needs only the
+  output, which the next layer keeps anyway, so ``Dense -> ReluDropout ->
+  Dense`` trains in the memory of ``Dense -> relu -> Dense``. When
+  deterministic it returns ``nn.relu(inputs)``. Reverse-mode differentiation
+  only (a ``custom_vjp``).
+
+  Attributes:
+    As :class:`Dropout`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxdrop
+    >>> layer = jaxdrop.linen.ReluDropout(0.5)
+    >>> layer.apply({}, jnp.array([-1.0, 3.0]), deterministic=True)
+    Array([0., 3.], dtype=float32)
+  """
+
+  function = staticmethod(_dropout.relu_dropout)
+
+
 # ----------------------------------------------------------------------------
 # Variants: each module resolves its flag and key, then calls the function in
 # jaxdrop._variants, where the mathematics lives.

@@ -218,6 +218,31 @@ class Dropout(_Stochastic, nnx.Module):
     return {"broadcast_dims": self.broadcast_dims, "bits": self.bits}
 
 
+class ReluDropout(Dropout):
+  """``nnx.relu`` then :class:`Dropout` in one layer, whose backward pass keeps only its output.
+
+  Computes :func:`jaxdrop.relu_dropout`, equal in value and gradient to
+  ``Dropout(rate)(nnx.relu(x))``. The backward pass needs only the output,
+  which the next layer keeps anyway, so ``Linear -> ReluDropout -> Linear``
+  trains in the memory of ``Linear -> relu -> Linear``. When deterministic it
+  returns ``nnx.relu(x)``. Reverse-mode differentiation only (a
+  ``custom_vjp``).
+
+  Args:
+    As :class:`Dropout`.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxdrop
+    >>> from flax import nnx
+    >>> layer = jaxdrop.nnx.ReluDropout(0.5, rngs=nnx.Rngs(0))
+    >>> layer.eval()
+    >>> layer(jnp.array([-1.0, 3.0]))
+    Array([0., 3.], dtype=float32)
+  """
+
+  function = staticmethod(_dropout.relu_dropout)
+
+
 class SpatialDropout(_Stochastic, nnx.Module):
   """Drops whole channels; see :func:`jaxdrop.spatial_dropout`.
 

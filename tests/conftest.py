@@ -146,6 +146,11 @@ MODULES: dict[str, ModuleCase] = {
         lambda r, rngs, **kw: jaxdrop.nnx.Dropout(r, bits=16, rngs=rngs, **kw),
         lambda k, x, r, p, d: jaxdrop.dropout(k, x, r, d, bits=16),
     ),
+    "ReluDropout": ModuleCase(
+        lambda r, **kw: jaxdrop.linen.ReluDropout(r, **kw),
+        lambda r, rngs, **kw: jaxdrop.nnx.ReluDropout(r, rngs=rngs, **kw),
+        lambda k, x, r, p, d: jaxdrop.relu_dropout(k, x, r, d),
+    ),
     "SpatialDropout": ModuleCase(
         lambda r, **kw: jaxdrop.linen.SpatialDropout(r, channel_axis=1, **kw),
         lambda r, rngs, **kw: jaxdrop.nnx.SpatialDropout(r, channel_axis=1, rngs=rngs, **kw),
