@@ -14,7 +14,8 @@ present). It reports what a compile fixes, never a time:
       compiled temp memory of flax, jaxdrop ``"xla"`` and ``"pallas"``;
   (3) the Pallas kernels through XLA's own Triton pipeline for each covered
       case (the Pallas interpreter and Triton-IR lowering on CPU do not run
-      Triton's passes, where a layout once exhausted host memory).
+      Triton's passes, where a layout once exhausted host memory);
+  (4) the fast-mode elementwise kernel (``jaxdrop._pallas_dropout``), the same.
 
 Run: ``JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/aot_gpu.py``
 """
@@ -35,6 +36,7 @@ from jax.experimental import topologies
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxdrop  # noqa: E402
+from jaxdrop import _pallas_dropout  # noqa: E402
 from jaxdrop._attention import pallas_triton  # noqa: E402
 
 # The device description XLA compiles against (an H100 SXM, as reported by one).
@@ -94,7 +96,7 @@ POLICIES = jax.checkpoint_policies
 class MLP(nn.Module):
   """3 x (Dense, relu, dropout) then Dense(10); ``layer(h)`` is relu + dropout."""
 
-  layer: str = "none"  # "none", "flax", "jaxdrop", "bits16" or "relu_dropout"
+  layer: str = "none"  # "none", "flax", "jaxdrop", "bits16", "pallas16" or "relu_dropout"
 
   @nn.compact
   def __call__(self, x):
@@ -106,6 +108,8 @@ class MLP(nn.Module):
         x = nn.relu(h)
         if self.layer == "flax":
           x = nn.Dropout(RATE, deterministic=False)(x)
+        elif self.layer == "pallas16":
+          x = _pallas_dropout.dropout16(self.make_rng("dropout"), x, RATE)
         elif self.layer != "none":
           bits = 16 if self.layer == "bits16" else 32
           x = jaxdrop.linen.Dropout(RATE, deterministic=False, bits=bits)(x)
@@ -142,6 +146,7 @@ def mlp_table() -> None:
       "flax.linen.Dropout": ("flax", None),
       "jaxdrop.linen.Dropout": ("jaxdrop", None),
       "jaxdrop.linen.Dropout bits=16": ("bits16", None),
+      "Pallas fast-mode kernel": ("pallas16", None),
       "jaxdrop + checkpoint(save_any_names_but_these)": ("jaxdrop", not_dropout),
       "no dropout + checkpoint(save_any_names_but_these)": ("none", not_dropout),
       "jaxdrop.relu_dropout": ("relu_dropout", None),
@@ -208,7 +213,28 @@ def attention_tables() -> None:
   pallas_triton.unsupported_reason = check
 
 
+def elementwise_table() -> None:
+  print("\n(4) grad of sum(dropout(x) * w), 2^28 elements, rate 0.1: temp memory")
+  x = jnp.zeros((2**28,), jnp.float32)
+
+  def grad_temp(fn, dtype):
+    def grad(key_data, x, w):
+      key = jax.random.wrap_key_data(key_data)
+      return jax.grad(lambda x: jnp.sum((fn(key, x) * w).astype(jnp.float32)))(x)
+
+    key_data = jax.random.key_data(jax.random.key(0))
+    return temp_mb(grad, key_data, x.astype(dtype), x.astype(dtype))
+
+  for dtype in (jnp.float32, jnp.bfloat16):
+    name = jnp.dtype(dtype).name
+    report(f"jaxdrop bits=16, {name}",
+           functools.partial(grad_temp, lambda k, x: jaxdrop.dropout(k, x, RATE, bits=16), dtype))
+    report(f"Pallas fast-mode kernel, {name}",
+           functools.partial(grad_temp, lambda k, x: _pallas_dropout.dropout16(k, x, RATE), dtype))
+
+
 if __name__ == "__main__":
   print(f"jax {jax.__version__}; compiling for: {H100.strip().splitlines()[-1]}")
   mlp_table()
   attention_tables()
+  elementwise_table()

@@ -54,6 +54,7 @@ if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))  # Run from a checkout without installing.
 
 import jaxdrop  # noqa: E402
+from jaxdrop import _pallas_dropout  # noqa: E402
 
 try:
   import equinox as eqx
@@ -71,6 +72,7 @@ FAST_LINEN = "jaxdrop.linen.Dropout bits=16"
 REMAT_POLICY = "remat policy"  # save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
 REMAT = "jaxdrop.linen.Dropout + " + REMAT_POLICY
 RELU_DROPOUT = "jaxdrop.relu_dropout"
+PALLAS_FAST = "pallas kernel bits=16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +112,7 @@ def _linen(module: nn.Module) -> Callable:
   return lambda key, x: module.apply({}, x, rngs={"dropout": key})
 
 
-def variants(rate: float, fast: bool) -> dict[str, Callable]:
+def variants(rate: float, fast: bool, gpu: bool = False) -> dict[str, Callable]:
   fns = {
       FLOOR: lambda key, x: x * 2.0,
       "jaxdrop.dropout": lambda key, x: jaxdrop.dropout(key, x, rate),
@@ -126,6 +128,8 @@ def variants(rate: float, fast: bool) -> dict[str, Callable]:
     fns["haiku.dropout"] = lambda key, x: hk.dropout(key, rate, x)
   if not fast:
     del fns[FAST]
+  elif gpu:  # The fast mode as one Pallas (Triton) kernel: a prototype to measure.
+    fns[PALLAS_FAST] = lambda key, x: _pallas_dropout.dropout16(key, x, rate)
   return fns
 
 
@@ -172,7 +176,7 @@ def bench_elementwise(
       x = jax.random.normal(jax.random.key(1), (n,), jnp.float32).astype(dtype)
       w = jax.random.normal(jax.random.key(2), (n,), jnp.float32).astype(dtype)
       for rate in cfg.rates:
-        fns = variants(rate, cfg.fast)
+        fns = variants(rate, cfg.fast, jax.default_backend() == "gpu")
         for mode, wrap, args in (
             ("fwd", lambda f: f, (key, x)),
             ("fwd+bwd", forward_backward, (key, x, w)),
@@ -213,7 +217,7 @@ def print_elementwise(records: list[dict]) -> None:
 
 class MLP(nn.Module):
   # A linen Dropout class, RELU_DROPOUT (jaxdrop.relu_dropout in place of relu
-  # and dropout), or None.
+  # and dropout), PALLAS_FAST (relu, then the Pallas fast-mode kernel), or None.
   dropout: Callable[..., nn.Module] | str | None
   rate: float = 0.1
   widths: tuple[int, ...] = (1024, 1024)
@@ -225,6 +229,11 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for width in self.widths:
       h = checkpoint_name(nn.Dense(width)(x), "dense")
+      if self.dropout == PALLAS_FAST:
+        x = nn.relu(h)
+        if train:
+          x = _pallas_dropout.dropout16(self.make_rng("dropout"), x, self.rate)
+        continue
       if self.dropout == RELU_DROPOUT:
         x = jaxdrop.relu_dropout(self.make_rng("dropout") if train else None, h, self.rate,
                                  deterministic=not train)
@@ -245,6 +254,8 @@ def train_models(cfg: Config) -> dict[str, nn.Module]:
   if cfg.fast:
     models[FAST_LINEN] = mlp(functools.partial(jaxdrop.linen.Dropout, bits=16))
   models[RELU_DROPOUT] = mlp(RELU_DROPOUT)
+  if cfg.fast and jax.default_backend() == "gpu":
+    models[PALLAS_FAST] = mlp(PALLAS_FAST)
   # Recomputing the dropout outputs under jax.checkpoint (docs/semantics.md).
   policy = jax.checkpoint_policies.save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
   models[REMAT] = mlp(jaxdrop.linen.Dropout, remat_policy=policy)
