@@ -490,6 +490,7 @@ def main(argv: list[str] | None = None) -> dict:
 
   bench_elementwise(cfg, min_sample_s, results["elementwise"], save)
   results["train_step"] = bench_train_step(cfg)
+  save()
   results["targets"] = check_targets(cfg, results["elementwise"], results["train_step"], gpu)
   save()
   print(f"\n{meta['seconds']} s")

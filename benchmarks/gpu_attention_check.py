@@ -41,9 +41,16 @@ import time
 import traceback
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# The parent process only merges what the sections write: it must not hold the
+# GPU memory that JAX preallocates (75%) while a child needs it. The children
+# get the environment as it was.
+CHILD_ENV = dict(os.environ)
+if __name__ == "__main__" and "--section" not in sys.argv:
+  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxdrop  # noqa: E402
@@ -70,6 +77,7 @@ class Settings:
   reps: int = 10
   budget_s: float = 330.0  # optional items (causal, long, sweep) start only before this
   section_timeout_s: float = 300.0  # a section's process is killed after this
+  total_s: float = 540.0  # ... or when the whole run reaches this
   interpret: bool = False
   cudnn: bool = True
   small: tuple[int, int, int, int, int] = (2, 100, 80, 4, 2)  # B, T, S, N, K of checks
@@ -105,8 +113,15 @@ def item(name: str):
     print(f"ok   {name} ({time.perf_counter() - t0:.1f} s)", flush=True)
     RESULTS["checks"].append({"name": name, "ok": True})
   finally:
-    if PART is not None:
-      PART.write_text(json.dumps(RESULTS, default=str))
+    save_part()
+
+
+def save_part() -> None:
+  """In a section's process: RESULTS to PART, replaced whole (a kill never leaves half)."""
+  if PART is not None:
+    partial = PART.with_suffix(".tmp")
+    partial.write_text(json.dumps(RESULTS, default=str))
+    os.replace(partial, PART)
 
 
 def close(actual, expected, tol: float, what: str) -> None:
@@ -498,7 +513,10 @@ def run_section(name: str, settings, part: Path) -> None:
   global PART
   PART = part
   print(f"\n== section {name} ==", flush=True)
-  SECTIONS[name](settings)
+  try:
+    SECTIONS[name](settings)
+  finally:
+    save_part()  # also the notes of items skipped for time
 
 
 def run_children(options, settings, folder: Path, save) -> None:
@@ -512,17 +530,24 @@ def run_children(options, settings, folder: Path, save) -> None:
                "--budget-s", str(settings.budget_s - elapsed())]
     if options.smoke:
       command.append("--smoke")
+    # Never past the whole run's limit, so a hung section leaves time for the rest.
+    limit = max(1.0, min(settings.section_timeout_s, settings.total_s - elapsed()))
     try:
-      code = subprocess.run(command, check=False, timeout=settings.section_timeout_s).returncode
+      code = subprocess.run(command, check=False, timeout=limit, env=CHILD_ENV).returncode
+      failure = None if code == 0 else f"the process ended with code {code} (negative: a signal)"
     except subprocess.TimeoutExpired:
-      code = f"none: killed after {settings.section_timeout_s:.0f} s"
+      failure = f"the process was killed after {limit:.0f} s"
     if part.exists():  # written after every item, so a crash keeps those before it
-      child = json.loads(part.read_text())
+      try:
+        child = json.loads(part.read_text())
+      except ValueError as error:
+        failure = f"{failure or 'it ended'}; its results were unreadable: {error}"
+      else:
+        for field in ("checks", "timings", "notes"):
+          RESULTS[field] += child[field]
       part.unlink()
-      for field in ("checks", "timings", "notes"):
-        RESULTS[field] += child[field]
-    if code != 0:
-      text = f"section {name}: the process ended with code {code} (a negative code is a signal)"
+    if failure is not None:
+      text = f"section {name}: {failure}"
       print(f"FAIL {text}", flush=True)
       RESULTS["checks"].append({"name": f"section {name}", "ok": False, "error": text})
     save()
@@ -534,12 +559,17 @@ def main(argv=None) -> dict:
   parser.add_argument("--budget-s", type=float, default=None, help="stop optional items after this")
   parser.add_argument("--no-sweep", action="store_true", help="skip the block-size sweep")
   parser.add_argument("--out", default=None, help="folder for the JSON (default $OUT or benchmarks/results)")
+  parser.add_argument("--section-timeout-s", type=float, default=None,
+                      help="kill a section's process after this")
+  parser.add_argument("--total-s", type=float, default=None,
+                      help="kill the section running when the whole run reaches this")
   parser.add_argument("--section", choices=list(SECTIONS), help=argparse.SUPPRESS)
   parser.add_argument("--part", default=None, help=argparse.SUPPRESS)
   options = parser.parse_args(argv)
   settings = SMOKE if options.smoke else Settings()
-  if options.budget_s is not None:
-    settings = dataclasses.replace(settings, budget_s=options.budget_s)
+  for field in ("budget_s", "section_timeout_s", "total_s"):
+    if getattr(options, field) is not None:
+      settings = dataclasses.replace(settings, **{field: getattr(options, field)})
   if not options.smoke and jax.default_backend() != "gpu":
     print(f"no GPU (backend {jax.default_backend()}); use --smoke on CPU")
     return RESULTS

@@ -573,7 +573,10 @@ def dropout(
     ``jax.checkpoint`` with a policy that saves only named values, such as
     ``jax.checkpoint_policies.save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)``
     (with the model's own ``checkpoint_name`` tags), or ``dots_saveable``, it
-    is recomputed from ``x`` and the key and only the key is kept.
+    is recomputed from ``x`` and the key and only the key is kept; whether
+    that lowers peak memory depends on the compiler's schedule (the
+    recomputed ``y`` needs a buffer too; docs/semantics.md has measurements,
+    and :func:`relu_dropout` for the relu case).
     ``save_anything_except_these_names(jaxdrop.CHECKPOINT_NAME)`` does not do
     this: JAX applies that policy inside the derivative too, which then saves
     the mask instead of ``y``.

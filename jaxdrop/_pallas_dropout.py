@@ -114,10 +114,12 @@ def dropout16(
     The same array as ``jaxdrop.dropout(..., bits=16)``.
 
   Raises:
-    ValueError, TypeError: as :func:`jaxdrop.dropout`; a bad ``block``.
+    ValueError, TypeError: as :func:`jaxdrop.dropout`; a ``block`` that is not
+      an int, or not a power of two >= 16.
   """
   x = _dropout.check_input(x)
-  if not isinstance(block, int) or block < 16 or block & (block - 1):
+  block = _dropout.check_int(block, "block", minimum=16)
+  if block & (block - 1):
     raise ValueError(f"block must be a power of two >= 16, got block={block!r}")
   fixed = _dropout.static_rate(rate)
   if _dropout.check_deterministic(deterministic) or fixed == 0.0:

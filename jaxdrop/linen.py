@@ -7,9 +7,9 @@ fields and call arguments, as ``flax.linen.Dropout`` does:
 * ``rate``: the probability to **drop**; a float checked at construction, or
   a scalar array (e.g. a schedule's value) that may be traced.
 * ``deterministic`` (field) and ``deterministic`` (call argument): if True,
-  the layer is the identity (DropConnect: uses its kernel unmasked). As in
-  flax, exactly one of the two must be set (``nn.merge_param``); it must be a
-  Python bool.
+  the layer is the identity (DropConnect: uses its kernel unmasked;
+  ReluDropout: is ``relu``). As in flax, exactly one of the two must be set
+  (``nn.merge_param``); it must be a Python bool.
 * ``rng_collection``: the rng stream the key is drawn from (``'dropout'``);
   the call argument ``rng=key`` passes a key directly instead.
 
@@ -41,6 +41,7 @@ __all__ = [
     "Dropout",
     "dot_product_attention",
     "GaussianDropout",
+    "ReluDropout",
     "SpatialDropout",
 ]
 
@@ -102,8 +103,9 @@ class _Stochastic(nn.Module):
 
     Args:
       inputs: the array to transform.
-      deterministic: if True, return the inputs unchanged. As in flax, give
-        it either here or as the field, not both (``nn.merge_param``).
+      deterministic: if True, return the inputs unchanged (``ReluDropout``:
+        their relu). As in flax, give it either here or as the field, not
+        both (``nn.merge_param``).
       rng: a key to use instead of the ``rng_collection`` stream.
 
     Returns:
@@ -156,12 +158,12 @@ class Dropout(_Stochastic):
 class ReluDropout(Dropout):
   """``nn.relu`` then :class:`Dropout` in one layer, whose backward pass keeps only its output.
 
-  Computes :func:`jaxdrop.relu_dropout`, equal in value and gradient to
-  ``Dropout(rate)(nn.relu(inputs))``. The backward pass needs only the
-  output, which the next layer keeps anyway, so ``Dense -> ReluDropout ->
-  Dense`` trains in the memory of ``Dense -> relu -> Dense``. When
-  deterministic it returns ``nn.relu(inputs)``. Reverse-mode differentiation
-  only (a ``custom_vjp``).
+  Computes :func:`jaxdrop.relu_dropout`, equal in value and gradient (for a
+  valid rate) to ``Dropout(rate)(nn.relu(inputs))``. The backward pass needs
+  only the output, which the next layer keeps anyway, so ``Dense ->
+  ReluDropout -> Dense`` trains in the memory of ``Dense -> relu -> Dense``.
+  When deterministic it returns ``nn.relu(inputs)``. Reverse-mode
+  differentiation only (a ``custom_vjp``).
 
   Attributes:
     As :class:`Dropout`.

@@ -6,9 +6,9 @@ and call arguments, as ``flax.nnx.Dropout`` does:
 
 * ``rate``: the probability to **drop**, checked at construction.
 * ``deterministic``: if True, the layer is the identity (DropConnect: uses its
-  kernel unmasked). The call argument overrides the constructor's, and
-  ``model.train()``, ``model.eval()`` and ``nnx.view(model,
-  deterministic=...)`` set it. It must be a Python bool.
+  kernel unmasked; ReluDropout: is ``relu``). The call argument overrides the
+  constructor's, and ``model.train()``, ``model.eval()`` and
+  ``nnx.view(model, deterministic=...)`` set it. It must be a Python bool.
 * ``rng_collection``: the name of the stream keys come from (``'dropout'``).
 * ``rngs`` (constructor): an ``nnx.Rngs``, whose ``rng_collection`` stream is
   forked here, falling back to its ``'default'`` stream as in flax (so
@@ -47,6 +47,7 @@ __all__ = [
     "Dropout",
     "dot_product_attention",
     "GaussianDropout",
+    "ReluDropout",
     "SpatialDropout",
 ]
 
@@ -221,12 +222,12 @@ class Dropout(_Stochastic, nnx.Module):
 class ReluDropout(Dropout):
   """``nnx.relu`` then :class:`Dropout` in one layer, whose backward pass keeps only its output.
 
-  Computes :func:`jaxdrop.relu_dropout`, equal in value and gradient to
-  ``Dropout(rate)(nnx.relu(x))``. The backward pass needs only the output,
-  which the next layer keeps anyway, so ``Linear -> ReluDropout -> Linear``
-  trains in the memory of ``Linear -> relu -> Linear``. When deterministic it
-  returns ``nnx.relu(x)``. Reverse-mode differentiation only (a
-  ``custom_vjp``).
+  Computes :func:`jaxdrop.relu_dropout`, equal in value and gradient (for a
+  valid rate) to ``Dropout(rate)(nnx.relu(x))``. The backward pass needs only
+  the output, which the next layer keeps anyway, so ``Linear -> ReluDropout
+  -> Linear`` trains in the memory of ``Linear -> relu -> Linear``. When
+  deterministic it returns ``nnx.relu(x)``. Reverse-mode differentiation only
+  (a ``custom_vjp``).
 
   Args:
     As :class:`Dropout`.

@@ -73,6 +73,8 @@ def test_static_rates_deterministic_and_errors():
   np.testing.assert_array_equal(np.asarray(pd.dropout16(None, x, 1.0)), 0)
   with pytest.raises(ValueError, match="block=100"):
     pd.dropout16(KEY, x, 0.5, block=100)
+  with pytest.raises(TypeError, match="block=256.0"):
+    pd.dropout16(KEY, x, 0.5, block=256.0)
   with pytest.raises(ValueError, match="rate=2"):
     pd.dropout16(KEY, x, 2.0)
   with pytest.raises(ValueError, match="threefry"):

@@ -13,11 +13,13 @@ KEY = jax.random.key(11)
 
 
 def _pre_activation(dtype, shape=(64, 48)):
-  x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
-  # Exact zeros and tiny positives: the places where relu's gradient and the
-  # sign of the output could disagree.
-  x = x.at[0, :8].set(0.0).at[1, :8].set(1e-30)
-  return x.astype(dtype)
+  x = jax.random.normal(jax.random.key(1), shape, jnp.float32).astype(dtype)
+  # The places where relu's gradient and the sign of the output could
+  # disagree: zeros of both signs, the smallest subnormal of the dtype, NaN
+  # and infinities.
+  tiny = jnp.finfo(dtype).smallest_subnormal
+  special = jnp.array([0.0, -0.0, tiny, -tiny, jnp.nan, jnp.inf, -jnp.inf, 1.0], dtype)
+  return x.at[:8, :8].set(jnp.broadcast_to(special, (8, 8)))
 
 
 def _composition(x, rate, **options):
@@ -44,6 +46,7 @@ def _value_and_grad(fn, x, rate, options):
 CASES = {
     "f32": dict(dtype=jnp.float32, rate=0.3, options={}),
     "bf16": dict(dtype=jnp.bfloat16, rate=0.3, options={}),
+    "f16": dict(dtype=jnp.float16, rate=0.3, options={}),
     "traced rate": dict(dtype=jnp.float32, rate=jnp.float32(0.3), options={}),
     "bits16": dict(dtype=jnp.float32, rate=0.3, options=dict(bits=16)),
     "broadcast_dims": dict(dtype=jnp.float32, rate=0.5, options=dict(broadcast_dims=(0,))),
@@ -92,17 +95,21 @@ def test_static_rates_and_deterministic():
 
 
 def test_under_vmap_over_keys():
-  x = _pre_activation(jnp.float32, (4, 16))
+  x = _pre_activation(jnp.float32, (8, 16))
   keys = jax.random.split(KEY, 5)
-  got = jax.vmap(lambda k: jaxdrop.relu_dropout(k, x, 0.5))(keys)
-  want = jnp.stack([jaxdrop.dropout(k, jax.nn.relu(x), 0.5) for k in keys])
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  for fn in (lambda k, x: jaxdrop.relu_dropout(k, x, 0.5),
+             jax.grad(lambda k, x: jnp.sum(jaxdrop.relu_dropout(k, x, 0.5) * 3), argnums=1)):
+    got = jax.vmap(fn, in_axes=(0, None))(keys, x)
+    want = jnp.stack([fn(k, x) for k in keys])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  composed = jax.grad(lambda x: jnp.sum(jaxdrop.dropout(keys[0], jax.nn.relu(x), 0.5) * 3))(x)
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(composed))
 
 
 @pytest.mark.parametrize(
     "args, kwargs, error, words",
     [
-        ((KEY, jnp.arange(4), 0.5), {}, TypeError, "x"),
+        ((KEY, jnp.arange(4), 0.5), {}, TypeError, "x.dtype=int32"),
         ((KEY, jnp.ones(4), 1.5), {}, ValueError, "rate=1.5"),
         ((None, jnp.ones(4), 0.5), {}, ValueError, "key"),
         ((KEY, jnp.ones(4), 0.5), dict(bits=8), ValueError, "bits=8"),
