@@ -15,7 +15,9 @@ present). It reports what a compile fixes, never a time:
   (3) the Pallas kernels through XLA's own Triton pipeline for each covered
       case (the Pallas interpreter and Triton-IR lowering on CPU do not run
       Triton's passes, where a layout once exhausted host memory);
-  (4) the fast-mode elementwise kernel (``jaxdrop._pallas_dropout``), the same.
+  (4) the fast-mode elementwise kernel (``jaxdrop._pallas_dropout``), the same;
+  (5) ``bench.py``'s bf16 transformer train step at issue 10's GPU shape
+      (2 blocks, batch 16, T 1024, width 1024, 16 heads): temp memory.
 
 Run: ``JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/aot_gpu.py``
 """
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import topologies
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxdrop  # noqa: E402
 from jaxdrop import _pallas_dropout  # noqa: E402
@@ -219,6 +222,35 @@ def _attention_rows() -> None:
     report(name, functools.partial(attention_temp, "pallas", 0.1, **options))
 
 
+def block_table() -> None:
+  import bench  # noqa: PLC0415 - benchmarks/bench.py, for its transformer step
+
+  shape = (16, 1024, 1024, 16)
+  print(f"\n(5) bf16 transformer train step, B T D N = {shape}, dropout 0.1: temp memory")
+  batch_size, seq, width, heads = shape
+  batch = (jnp.zeros((batch_size, seq, width), jnp.bfloat16),
+           jnp.zeros((batch_size, seq, width), jnp.float32))
+  tx = optax.adam(1e-3)
+
+  def step_temp(dropout) -> float:
+    model = bench.Blocks(dropout, RATE, heads)
+    params = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), batch[0], train=False)["params"])
+    opt_state = jax.eval_shape(tx.init, params)
+    step = bench.make_train_step(model, tx, bench.regression_loss)
+    key = jax.random.key(0)
+    compiled = step.lower(*on_h100((params, opt_state, batch, key))).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 1e6
+
+  for name, dropout in (
+      ("no dropout", None), ("flax.linen.Dropout", nn.Dropout),
+      ("jaxdrop.linen.Dropout", jaxdrop.linen.Dropout),
+      ("jaxdrop.linen.Dropout bits=16", functools.partial(jaxdrop.linen.Dropout, bits=16)),
+      ("Pallas fast-mode kernel", bench.PALLAS_FAST),
+  ):
+    report(name, functools.partial(step_temp, dropout))
+
+
 def elementwise_table() -> None:
   print("\n(4) grad of sum(dropout(x) * w), 2^28 elements, rate 0.1: temp memory")
   x = jnp.zeros((2**28,), jnp.float32)
@@ -244,3 +276,4 @@ if __name__ == "__main__":
   mlp_table()
   attention_tables()
   elementwise_table()
+  block_table()

@@ -11,7 +11,8 @@ a rotating position) and the median of the repeats is reported:
 2. temp bytes (``memory_analysis()``) of a donated, jitted MLP train step
    (784-1024-1024-10, batch 256 unless --mlp-* say otherwise; Adam, dropout
    after each hidden relu, or relu_dropout in place of both);
-3. the time of that train step.
+3. the time of that train step;
+4. the same two for a bf16 transformer train step (``--block-shape``).
 
 Usage (from the repository root):
   python benchmarks/bench.py                          # CPU, a few minutes
@@ -94,6 +95,10 @@ class Config:
   mlp_inputs: int = 784
   mlp_widths: tuple[int, ...] = (1024, 1024)
   mlp_batch: int = 256
+  # A bf16 transformer block step (2 pre-LN blocks; dropout after attention,
+  # in the MLP and after it): batch, sequence, width, heads. Issue 10's GPU
+  # step is --block-shape 16 1024 1024 16.
+  block_shape: tuple[int, int, int, int] = (4, 128, 256, 4)
   train_repeats: int = 15
   train_min_sample_s: float = 0.1
   fast: bool = True  # also time the fast mode (bits=16).
@@ -244,6 +249,32 @@ class MLP(nn.Module):
     return nn.Dense(10)(x)
 
 
+class Blocks(nn.Module):
+  """Two pre-LN transformer blocks computing in bfloat16 (float32 parameters)."""
+
+  dropout: Callable[..., nn.Module] | str | None  # as MLP.dropout (not RELU_DROPOUT)
+  rate: float = 0.1
+  heads: int = 4
+
+  def _drop(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.dropout is None or not train:
+      return x
+    if self.dropout == PALLAS_FAST:
+      return _pallas_dropout.dropout16(self.make_rng("dropout"), x, self.rate)
+    return self.dropout(self.rate, deterministic=False)(x)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    bf16, width = jnp.bfloat16, x.shape[-1]
+    for _ in range(2):
+      h = nn.LayerNorm(dtype=bf16)(x)
+      h = nn.MultiHeadDotProductAttention(self.heads, dtype=bf16, deterministic=True)(h)
+      x = x + self._drop(h, train)
+      h = nn.gelu(nn.Dense(4 * width, dtype=bf16)(nn.LayerNorm(dtype=bf16)(x)))
+      x = x + self._drop(nn.Dense(width, dtype=bf16)(self._drop(h, train)), train)
+    return x
+
+
 def train_models(cfg: Config) -> dict[str, nn.Module]:
   mlp = functools.partial(MLP, rate=cfg.train_rate, widths=cfg.mlp_widths)
   models = {
@@ -263,15 +294,27 @@ def train_models(cfg: Config) -> dict[str, nn.Module]:
   return models
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
+def classification_loss(model, params, batch, key):
+  images, labels = batch
+  logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def regression_loss(model, params, batch, key):
+  inputs, targets = batch
+  out = model.apply({"params": params}, inputs, train=True, rngs={"dropout": key})
+  return jnp.mean(jnp.square(out.astype(jnp.float32) - targets))
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    loss_of: Callable = classification_loss) -> Callable:
+  """A donated, jitted Adam step; ``loss_of(model, params, batch, key)`` is the loss."""
+
   def train_step(params, opt_state, batch, key):
-    images, labels = batch
-
     def loss_fn(params):
-      logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss_of(model, params, batch, key)
 
-    if model.remat_policy is not None:
+    if getattr(model, "remat_policy", None) is not None:
       loss_fn = jax.checkpoint(loss_fn, policy=model.remat_policy)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -285,15 +328,45 @@ def bench_train_step(cfg: Config) -> dict:
       jax.random.normal(jax.random.key(3), (cfg.mlp_batch, cfg.mlp_inputs), jnp.float32),
       jax.random.randint(jax.random.key(4), (cfg.mlp_batch,), 0, 10),
   )
+  widths = "-".join(str(w) for w in (cfg.mlp_inputs, *cfg.mlp_widths, 10))
+  title = (f"MLP train step {widths}, batch {cfg.mlp_batch}, Adam, donated; "
+           f"dropout rate {cfg.train_rate} after each hidden relu")
+  return bench_steps(cfg, train_models(cfg), batch, classification_loss, title)
+
+
+def bench_block_step(cfg: Config) -> dict:
+  batch_size, seq, width, heads = cfg.block_shape
+  shape = (batch_size, seq, width)
+  batch = (
+      jax.random.normal(jax.random.key(3), shape, jnp.float32).astype(jnp.bfloat16),
+      jax.random.normal(jax.random.key(4), shape, jnp.float32),
+  )
+  models = {"no dropout": Blocks(None, cfg.train_rate, heads),
+            "jaxdrop.linen.Dropout": Blocks(jaxdrop.linen.Dropout, cfg.train_rate, heads),
+            FLAX: Blocks(nn.Dropout, cfg.train_rate, heads)}
+  if cfg.fast:
+    models[FAST_LINEN] = Blocks(functools.partial(jaxdrop.linen.Dropout, bits=16),
+                                cfg.train_rate, heads)
+    if jax.default_backend() == "gpu":
+      models[PALLAS_FAST] = Blocks(PALLAS_FAST, cfg.train_rate, heads)
+  title = (f"bf16 transformer train step: 2 pre-LN blocks, batch {batch_size}, T {seq}, "
+           f"width {width}, {heads} heads, Adam, donated; dropout rate {cfg.train_rate} "
+           "after attention, in the MLP and after it")
+  return bench_steps(cfg, models, batch, regression_loss, title)
+
+
+def bench_steps(cfg: Config, models: dict[str, nn.Module], batch, loss_of: Callable,
+                title: str) -> dict:
+  """Temp memory and interleaved step times of each model's donated train step."""
   # One fixed key: the masks do not change the cost, and a per-step fold_in
   # would add a dispatch to every timed call.
   key = jax.random.key(5)
   tx = optax.adam(1e-3)
   memory, states, steps = {}, {}, {}
-  for name, model in train_models(cfg).items():
+  for name, model in models.items():
     params = model.init(jax.random.key(6), batch[0], train=False)["params"]
     opt_state = tx.init(params)
-    step = make_train_step(model, tx)
+    step = make_train_step(model, tx, loss_of)
     stats = step.lower(params, opt_state, batch, key).compile().memory_analysis()
     memory[name] = dict(
         temp_bytes=int(stats.temp_size_in_bytes),
@@ -331,13 +404,11 @@ def bench_train_step(cfg: Config) -> dict:
                  samples_ms=[s * 1e3 for s in samples[name]])
       for name in names
   }
-  widths = "-".join(str(w) for w in (cfg.mlp_inputs, *cfg.mlp_widths, 10))
-  print(f"\nMLP train step {widths}, batch {cfg.mlp_batch}, Adam, donated; "
-        f"dropout rate {cfg.train_rate} after each hidden relu")
-  print(f"  {'variant':<31}{'temp bytes':>12}{'vs none':>11}{'step ms':>10}{'x none':>8}")
+  print(f"\n{title}")
+  print(f"  {'variant':<38}{'temp bytes':>14}{'vs none':>13}{'step ms':>10}{'x none':>8}")
   for name in names:
     m, t = memory[name], timing[name]
-    print(f"  {name:<31}{m['temp_bytes']:12,d}{m['temp_bytes_over_no_dropout']:+11,d}"
+    print(f"  {name:<38}{m['temp_bytes']:14,d}{m['temp_bytes_over_no_dropout']:+13,d}"
           f"{t['ms']:10.4g}{t['x_no_dropout']:8.3f}")
   return dict(memory=memory, time=timing)
 
@@ -454,13 +525,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
   parser.add_argument("--mlp-inputs", type=int, help="the MLP's input width")
   parser.add_argument("--mlp-widths", type=int, nargs="+", help="its hidden widths")
   parser.add_argument("--mlp-batch", type=int, help="its batch size")
+  parser.add_argument("--block-shape", type=int, nargs=4, metavar=("B", "T", "D", "N"),
+                      help="the transformer step's batch, sequence, width and heads")
   parser.add_argument("--json", default=None, help="write the results to this path")
   args = parser.parse_args(argv)
   cfg = dataclasses.replace(defaults, **QUICK) if args.quick else defaults
   overrides = dict(platform=args.platform, json=args.json,
                    fast=cfg.fast and not args.no_fast)
   for field in ("log2_sizes", "dtypes", "rates", "repeats", "mlp_inputs", "mlp_widths",
-                "mlp_batch"):
+                "mlp_batch", "block_shape"):
     value = getattr(args, field)
     if value is not None:
       overrides[field] = tuple(value) if isinstance(value, list) else value
@@ -490,6 +563,8 @@ def main(argv: list[str] | None = None) -> dict:
 
   bench_elementwise(cfg, min_sample_s, results["elementwise"], save)
   results["train_step"] = bench_train_step(cfg)
+  save()
+  results["block_step"] = bench_block_step(cfg)
   save()
   results["targets"] = check_targets(cfg, results["elementwise"], results["train_step"], gpu)
   save()
