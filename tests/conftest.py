@@ -7,11 +7,13 @@ so a wrong library formula cannot agree with them by construction.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -81,6 +83,24 @@ def strict_promotion():
   Use it with ``pytestmark = pytest.mark.usefixtures("strict_promotion")``.
   """
   with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+    yield
+
+
+@contextlib.contextmanager
+def cuda_lowering():
+  """Lowering Pallas kernels for "cuda" on a host without a GPU.
+
+  jax >= 0.11 asks which GPU the Triton kernels are for (an abstract device
+  answers: an H100) and warns that its Pallas Triton backend is deprecated in
+  favour of Mosaic GPU; the warning is expected here, not an error.
+  """
+  device = jax.sharding.AbstractDevice(
+      device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+  mesh = jax.sharding.AbstractMesh(
+      (1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=device)
+  with warnings.catch_warnings(), jax.sharding.use_abstract_mesh(mesh):
+    warnings.filterwarnings(
+        "ignore", "The Pallas Triton backend is deprecated", DeprecationWarning)
     yield
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cuda_lowering
 
 import jaxdrop
 from jaxdrop._attention import base
@@ -285,8 +286,9 @@ def test_kernels_lower_to_triton_for_cuda(dtype, head_dim, causal, with_bias, sh
 
   rate_arg = None if rate is not None else jax.ShapeDtypeStruct((), jnp.float32)
   key_data = jax.ShapeDtypeStruct((2,), jnp.uint32)
-  lowered = jax.jit(grads).trace(q, kv, kv, bias, mask, key_data, rate_arg).lower(
-      lowering_platforms=("cuda",))
+  with cuda_lowering():
+    lowered = jax.jit(grads).trace(q, kv, kv, bias, mask, key_data, rate_arg).lower(
+        lowering_platforms=("cuda",))
   # forward, dq, dk/dv, and dbias with a bias.
   assert lowered.as_text().count("__gpu$xla.gpu.triton") == (4 if with_bias else 3)
 

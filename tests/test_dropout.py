@@ -559,8 +559,10 @@ def test_backward_keeps_only_the_key():
     none = _mlp_step_temp_bytes(lambda key, h: h)
     ours = _mlp_step_temp_bytes(lambda key, h: jaxdrop.dropout(key, h, 0.5))
     traced = _mlp_step_temp_bytes(lambda key, h: jaxdrop.dropout(key, h, jnp.float32(0.5)))
-  assert abs(ours - none) <= 1024, (none, ours)
-  assert abs(traced - none) <= 1024, (none, traced)
+  # Dropout adds at most 1 KiB (the key and scalars); XLA may even schedule
+  # the step into less (jax 0.11 does, on CPU).
+  assert ours - none <= 1024, (none, ours)
+  assert traced - none <= 1024, (none, traced)
 
 
 def _named_mlp_loss(layer):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cuda_lowering
 
 import jaxdrop
 from jaxdrop import _pallas_dropout as pd
@@ -89,5 +90,6 @@ def test_kernel_lowers_to_triton_for_cuda():
     key = jax.random.wrap_key_data(key_data)
     return jax.grad(lambda x: jnp.sum(pd.dropout16(key, x, 0.1).astype(jnp.float32)))(x)
 
-  lowered = jax.jit(grad).trace(key_data, x).lower(lowering_platforms=("cuda",))
+  with cuda_lowering():
+    lowered = jax.jit(grad).trace(key_data, x).lower(lowering_platforms=("cuda",))
   assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2  # forward and backward

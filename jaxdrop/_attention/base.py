@@ -64,6 +64,21 @@ def allowed_positions(
   return allowed
 
 
+def full_like(x: jax.Array, value: float, dtype: Any) -> jax.Array:
+  """``jnp.full_like(x, value, dtype)`` with the sharding of ``x``.
+
+  Under explicit sharding, jax >= 0.11 gives a created array the context
+  mesh's sharding, and with no mesh set (``jax.set_mesh``) none: a loop
+  carry made that way then clashes with the sharded values added to it. So
+  the creation runs under the mesh of ``x`` itself.
+  """
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  if mesh is None or not mesh.axis_names:
+    return jnp.full_like(x, value, dtype)
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jnp.full_like(x, value, dtype)
+
+
 def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
   """Zero-pads ``axis`` of ``x`` (query, key, value: every axis is real) to ``size``."""
   if x.shape[axis] == size:

@@ -183,9 +183,9 @@ def _forward(layout, config, q, k, v, bias, mask, key_data, rate):
 
     # Initial values made "like" the operands keep their sharding.
     init = (
-        jnp.full_like(q_tile[..., 0], -jnp.inf, _F32),
-        jnp.zeros_like(q_tile[..., 0], _F32),
-        jnp.zeros_like(q_tile, _F32),
+        base.full_like(q_tile[..., 0], -jnp.inf, _F32),
+        base.full_like(q_tile[..., 0], 0, _F32),
+        base.full_like(q_tile, 0, _F32),
     )
     top, total, acc = jax.lax.fori_loop(0, _k_block_range(layout, config, q_index), k_step, init)
     has_any = total > 0
@@ -279,16 +279,16 @@ def _backward(layout, config, residuals, d_out):
       )
       return dq, d_bias, dk, dv
 
-    zeros = jnp.zeros_like(k_tile, _F32)
+    zeros = base.full_like(k_tile, 0, _F32)
     dq, d_bias, dk, dv = jax.lax.fori_loop(
         _q_block_start(layout, config, k_index), layout.num_q_blocks, q_step,
         (dq, d_bias, zeros, zeros),
     )
     return (dq, d_bias), (dk, dv)
 
-  d_bias = None if ops.bias is None else jnp.zeros_like(ops.bias, _F32)
+  d_bias = None if ops.bias is None else base.full_like(ops.bias, 0, _F32)
   (dq, d_bias), (dk, dv) = jax.lax.scan(
-      k_block, (jnp.zeros_like(ops.q, _F32), d_bias), jnp.arange(layout.num_k_blocks)
+      k_block, (base.full_like(ops.q, 0, _F32), d_bias), jnp.arange(layout.num_k_blocks)
   )
   dq = dq[:, :, :, : layout.rows].transpose(0, 3, 1, 2, 4).reshape(q.shape)
 
