@@ -432,11 +432,11 @@ def _masked_scale_jvp(spec, primals, tangents):
 
 # The kernels are jitted so that eager calls dispatch one compiled program
 # instead of a hundred small integer ops; inside an outer jit they inline.
-@partial(jax.jit, static_argnames=("spec", "fixed_rate"))
-def _dropout_kernel(key_data, x, rate, *, spec, fixed_rate):
+@partial(jax.jit, static_argnames=("spec", "fixed_rate", "relu"))
+def _dropout_kernel(key_data, x, rate, *, spec, fixed_rate, relu=False):
   rate = rate if fixed_rate is None else fixed_rate
   resolved = resolve_rate(rate, x.dtype, spec.bits)
-  return _masked_scale(spec, key_data, x, resolved)
+  return (_relu_masked_scale if relu else _masked_scale)(spec, key_data, x, resolved)
 
 
 # relu then dropout, differentiated from its output alone: where the output is
@@ -463,13 +463,6 @@ def _relu_masked_scale_bwd(spec, residuals, y_bar):
 
 
 _relu_masked_scale.defvjp(_relu_masked_scale_fwd, _relu_masked_scale_bwd)
-
-
-@partial(jax.jit, static_argnames=("spec", "fixed_rate"))
-def _relu_dropout_kernel(key_data, x, rate, *, spec, fixed_rate):
-  rate = rate if fixed_rate is None else fixed_rate
-  resolved = resolve_rate(rate, x.dtype, spec.bits)
-  return _relu_masked_scale(spec, key_data, x, resolved)
 
 
 @partial(jax.jit, static_argnames=("spec", "fixed_rate"))
@@ -596,20 +589,7 @@ def dropout(
     >>> jaxdrop.dropout(None, jnp.ones(3), 0.5, deterministic=True)
     Array([1., 1., 1.], dtype=float32)
   """
-  x = check_input(x)
-  fixed = static_rate(rate)
-  mask_shape = mask_shape_for(x.shape, broadcast_dims)
-  check_bits(bits)
-  if check_deterministic(deterministic) or fixed == 0.0:
-    return x
-  if fixed == 1.0:
-    return jnp.zeros_like(x)
-  key_data, impl = split_key(key)
-  spec = _mask_spec(impl, mask_shape, bits)
-  if fixed is not None:
-    rate = None  # Passed as a static argument instead.
-  y = _dropout_kernel(key_data, x, rate, spec=spec, fixed_rate=fixed)
-  return checkpoint_name(y, CHECKPOINT_NAME)
+  return _apply(key, x, rate, deterministic, broadcast_dims, bits, relu=False)
 
 
 def relu_dropout(
@@ -659,19 +639,24 @@ def relu_dropout(
     >>> bool(jnp.all(y == jaxdrop.dropout(key, jax.nn.relu(x), 0.5)))
     True
   """
+  return _apply(key, x, rate, deterministic, broadcast_dims, bits, relu=True)
+
+
+def _apply(key, x, rate, deterministic, broadcast_dims, bits: int, relu: bool) -> jax.Array:
+  """The body of :func:`dropout` (``relu=False``) and :func:`relu_dropout`."""
   x = check_input(x)
   fixed = static_rate(rate)
   mask_shape = mask_shape_for(x.shape, broadcast_dims)
   check_bits(bits)
   if check_deterministic(deterministic) or fixed == 0.0:
-    return jax.nn.relu(x)
+    return jax.nn.relu(x) if relu else x
   if fixed == 1.0:
     return jnp.zeros_like(x)
   key_data, impl = split_key(key)
   spec = _mask_spec(impl, mask_shape, bits)
   if fixed is not None:
     rate = None  # Passed as a static argument instead.
-  y = _relu_dropout_kernel(key_data, x, rate, spec=spec, fixed_rate=fixed)
+  y = _dropout_kernel(key_data, x, rate, spec=spec, fixed_rate=fixed, relu=relu)
   return checkpoint_name(y, CHECKPOINT_NAME)
 
 
