@@ -6,8 +6,9 @@ compile), so this runs on any Linux x86 host with the CUDA plugin installed
 the plugin needs ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1`` when no driver is
 present). It reports what a compile fixes, never a time:
 
-  (1) the MLP train step of issue 10 (3 x Dense 4096 + relu + dropout 0.1,
-      batch 8192, float32, Adam, donated; input width 4096): compiled temp
+  (1) ``bench.py``'s MLP train step at issue 10's shape (3 x Dense 4096 +
+      relu + dropout 0.1, batch 8192, float32, Adam, donated; input width
+      4096), the step the GPU session times: compiled temp
       memory for no dropout, flax, jaxdrop (both modes), jaxdrop under
       ``jax.checkpoint`` policies, and ``relu_dropout``;
   (2) attention, B 8, T = S = 2048, N 16, H 64, bfloat16, forward+backward:
@@ -38,6 +39,7 @@ from jax.experimental import topologies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench  # noqa: E402 - benchmarks/bench.py: the train steps it times on a GPU
 import jaxdrop  # noqa: E402
 from jaxdrop import _pallas_dropout  # noqa: E402
 from jaxdrop._attention import pallas_triton  # noqa: E402
@@ -81,9 +83,9 @@ def on_h100(tree):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated()), tree)
 
 
-def temp_mb(fn, *args, donate=()) -> float:
+def temp_mb(fn, *args) -> float:
   with h100_context():
-    lowered = jax.jit(fn, donate_argnums=donate).lower(*on_h100(args))
+    lowered = jax.jit(fn).lower(*on_h100(args))
   compiled = lowered.compile()
   return compiled.memory_analysis().temp_size_in_bytes / 1e6
 
@@ -104,69 +106,36 @@ def report(name: str, compute) -> None:
 # (1) The MLP step.
 
 WIDTH, BATCH, RATE = 4096, 8192, 0.1
-POLICIES = jax.checkpoint_policies
 
 
-class MLP(nn.Module):
-  """3 x (Dense, relu, dropout) then Dense(10); ``layer(h)`` is relu + dropout."""
-
-  layer: str = "none"  # "none", "flax", "jaxdrop", "bits16", "pallas16" or "relu_dropout"
-
-  @nn.compact
-  def __call__(self, x):
-    for _ in range(3):
-      h = jax.ad_checkpoint.checkpoint_name(nn.Dense(WIDTH)(x), "dense")
-      if self.layer == "relu_dropout":
-        x = jaxdrop.relu_dropout(self.make_rng("dropout"), h, RATE)
-      else:
-        x = nn.relu(h)
-        if self.layer == "flax":
-          x = nn.Dropout(RATE, deterministic=False)(x)
-        elif self.layer == "pallas16":
-          x = _pallas_dropout.dropout16(self.make_rng("dropout"), x, RATE)
-        elif self.layer != "none":
-          bits = 16 if self.layer == "bits16" else 32
-          x = jaxdrop.linen.Dropout(RATE, deterministic=False, bits=bits)(x)
-    return nn.Dense(10)(x)
-
-
-def mlp_step_temp(layer: str, policy=None) -> float:
-  model, tx = MLP(layer), optax.adam(1e-3)
-  x = jnp.zeros((BATCH, WIDTH))
-  labels = jnp.zeros((BATCH,), jnp.int32)
-  key = jax.random.key(0)
-
-  def step(params, opt_state, x, labels, key):
-    def loss(params):
-      logits = model.apply({"params": params}, x, rngs={"dropout": key})
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    if policy is not None:
-      loss = jax.checkpoint(loss, policy=policy)
-    grads = jax.grad(loss)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  params = jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, x)["params"])
+def step_temp(model: nn.Module, batch, loss_of) -> float:
+  """Temp memory of ``bench.py``'s donated train step for ``model``, compiled for the H100."""
+  tx = optax.adam(1e-3)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch[0], train=False)["params"])
   opt_state = jax.eval_shape(tx.init, params)
-  return temp_mb(step, params, opt_state, x, labels, key, donate=(0, 1))
+  step = bench.make_train_step(model, tx, loss_of)
+  with h100_context():
+    lowered = step.lower(*on_h100((params, opt_state, batch, jax.random.key(0))))
+  return lowered.compile().memory_analysis().temp_size_in_bytes / 1e6
 
 
 def mlp_table() -> None:
   print(f"(1) MLP step, 3 x Dense {WIDTH}, batch {BATCH}, float32, Adam, donated: temp memory")
-  not_dropout = POLICIES.save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
+  batch = (jnp.zeros((BATCH, WIDTH)), jnp.zeros((BATCH,), jnp.int32))
+  not_dropout = jax.checkpoint_policies.save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
   rows = {
-      "no dropout": ("none", None),
-      "flax.linen.Dropout": ("flax", None),
-      "jaxdrop.linen.Dropout": ("jaxdrop", None),
-      "jaxdrop.linen.Dropout bits=16": ("bits16", None),
-      "Pallas fast-mode kernel": ("pallas16", None),
-      "jaxdrop + checkpoint(save_any_names_but_these)": ("jaxdrop", not_dropout),
-      "no dropout + checkpoint(save_any_names_but_these)": ("none", not_dropout),
-      "jaxdrop.relu_dropout": ("relu_dropout", None),
+      "no dropout": (None, None),
+      "flax.linen.Dropout": (nn.Dropout, None),
+      "jaxdrop.linen.Dropout": (jaxdrop.linen.Dropout, None),
+      "jaxdrop.linen.Dropout bits=16": (functools.partial(jaxdrop.linen.Dropout, bits=16), None),
+      "Pallas fast-mode kernel": (bench.PALLAS_FAST, None),
+      "jaxdrop + checkpoint(save_any_names_but_these)": (jaxdrop.linen.Dropout, not_dropout),
+      "no dropout + checkpoint(save_any_names_but_these)": (None, not_dropout),
+      "jaxdrop.relu_dropout": (bench.RELU_DROPOUT, None),
   }
-  for name, (layer, policy) in rows.items():
-    report(name, functools.partial(mlp_step_temp, layer, policy))
+  for name, (dropout, policy) in rows.items():
+    model = bench.MLP(dropout, RATE, widths=(WIDTH,) * 3, remat_policy=policy)
+    report(name, functools.partial(step_temp, model, batch, bench.classification_loss))
 
 
 # ----------------------------------------------------------------------------
@@ -234,34 +203,19 @@ def _attention_rows() -> None:
 
 
 def block_table() -> None:
-  import bench  # noqa: PLC0415 - benchmarks/bench.py, for its transformer step
-
   shape = (16, 1024, 1024, 16)
   print(f"\n(5) bf16 transformer train step, B T D N = {shape}, dropout 0.1: temp memory")
   batch_size, seq, width, heads = shape
   batch = (jnp.zeros((batch_size, seq, width), jnp.bfloat16),
            jnp.zeros((batch_size, seq, width), jnp.float32))
-  tx = optax.adam(1e-3)
-
-  def step_temp(dropout) -> float:
-    model = bench.Blocks(dropout, RATE, heads)
-    params = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), batch[0], train=False)["params"])
-    opt_state = jax.eval_shape(tx.init, params)
-    step = bench.make_train_step(model, tx, bench.regression_loss)
-    key = jax.random.key(0)
-    with h100_context():
-      lowered = step.lower(*on_h100((params, opt_state, batch, key)))
-    compiled = lowered.compile()
-    return compiled.memory_analysis().temp_size_in_bytes / 1e6
-
   for name, dropout in (
       ("no dropout", None), ("flax.linen.Dropout", nn.Dropout),
       ("jaxdrop.linen.Dropout", jaxdrop.linen.Dropout),
       ("jaxdrop.linen.Dropout bits=16", functools.partial(jaxdrop.linen.Dropout, bits=16)),
       ("Pallas fast-mode kernel", bench.PALLAS_FAST),
   ):
-    report(name, functools.partial(step_temp, dropout))
+    model = bench.Blocks(dropout, RATE, heads)
+    report(name, functools.partial(step_temp, model, batch, bench.regression_loss))
 
 
 def elementwise_table() -> None:
