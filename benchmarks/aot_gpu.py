@@ -214,7 +214,7 @@ def block_table() -> None:
       ("jaxdrop.linen.Dropout bits=16", functools.partial(jaxdrop.linen.Dropout, bits=16)),
       ("Pallas fast-mode kernel", bench.PALLAS_FAST),
   ):
-    model = bench.Blocks(dropout, RATE, heads)
+    model = bench.Block(heads, RATE, dropout=dropout, depth=2, dtype=jnp.bfloat16)
     report(name, functools.partial(step_temp, model, batch, bench.regression_loss))
 
 

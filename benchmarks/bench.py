@@ -249,12 +249,23 @@ class MLP(nn.Module):
     return nn.Dense(10)(x)
 
 
-class Blocks(nn.Module):
-  """Two pre-LN transformer blocks computing in bfloat16 (float32 parameters)."""
+class Block(nn.Module):
+  """Pre-LN transformer blocks: attention, then a GELU MLP, each added back through dropout.
 
-  dropout: Callable[..., nn.Module] | str | None  # as MLP.dropout (not RELU_DROPOUT)
+  ``bench_block_step`` varies the elementwise ``dropout``;
+  ``bench_attention.py`` varies ``attention_fn`` with attention dropout on.
+  """
+
+  heads: int
   rate: float = 0.1
-  heads: int = 4
+  # The elementwise dropout: a linen Dropout class, PALLAS_FAST, or None.
+  dropout: Callable[..., nn.Module] | str | None = nn.Dropout
+  attention_fn: Callable[..., jax.Array] = nn.dot_product_attention
+  attention_dropout: bool = False  # also drop attention weights, one mask per example and head
+  hidden_dropout: bool = True  # also drop the MLP's hidden activation
+  causal: bool = False
+  depth: int = 1
+  dtype: Any = None  # the computation dtype; parameters stay float32
 
   def _drop(self, x: jax.Array, train: bool) -> jax.Array:
     if self.dropout is None or not train:
@@ -265,13 +276,19 @@ class Blocks(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    bf16, width = jnp.bfloat16, x.shape[-1]
-    for _ in range(2):
-      h = nn.LayerNorm(dtype=bf16)(x)
-      h = nn.MultiHeadDotProductAttention(self.heads, dtype=bf16, deterministic=True)(h)
+    width = x.shape[-1]
+    attend = train and self.attention_dropout
+    mask = nn.make_causal_mask(x[..., 0]) if self.causal else None
+    for _ in range(self.depth):
+      h = nn.MultiHeadDotProductAttention(
+          self.heads, dtype=self.dtype, dropout_rate=self.rate if attend else 0.0,
+          broadcast_dropout=False, attention_fn=self.attention_fn, deterministic=not attend,
+      )(nn.LayerNorm(dtype=self.dtype)(x), mask=mask)
       x = x + self._drop(h, train)
-      h = nn.gelu(nn.Dense(4 * width, dtype=bf16)(nn.LayerNorm(dtype=bf16)(x)))
-      x = x + self._drop(nn.Dense(width, dtype=bf16)(self._drop(h, train)), train)
+      h = nn.gelu(nn.Dense(4 * width, dtype=self.dtype)(nn.LayerNorm(dtype=self.dtype)(x)))
+      if self.hidden_dropout:
+        h = self._drop(h, train)
+      x = x + self._drop(nn.Dense(width, dtype=self.dtype)(h), train)
     return x
 
 
@@ -341,14 +358,14 @@ def bench_block_step(cfg: Config) -> dict:
       jax.random.normal(jax.random.key(3), shape, jnp.float32).astype(jnp.bfloat16),
       jax.random.normal(jax.random.key(4), shape, jnp.float32),
   )
-  models = {"no dropout": Blocks(None, cfg.train_rate, heads),
-            "jaxdrop.linen.Dropout": Blocks(jaxdrop.linen.Dropout, cfg.train_rate, heads),
-            FLAX: Blocks(nn.Dropout, cfg.train_rate, heads)}
+  block = functools.partial(Block, heads, cfg.train_rate, depth=2, dtype=jnp.bfloat16)
+  models = {"no dropout": block(dropout=None),
+            "jaxdrop.linen.Dropout": block(dropout=jaxdrop.linen.Dropout),
+            FLAX: block(dropout=nn.Dropout)}
   if cfg.fast:
-    models[FAST_LINEN] = Blocks(functools.partial(jaxdrop.linen.Dropout, bits=16),
-                                cfg.train_rate, heads)
+    models[FAST_LINEN] = block(dropout=functools.partial(jaxdrop.linen.Dropout, bits=16))
     if jax.default_backend() == "gpu":
-      models[PALLAS_FAST] = Blocks(PALLAS_FAST, cfg.train_rate, heads)
+      models[PALLAS_FAST] = block(dropout=PALLAS_FAST)
   title = (f"bf16 transformer train step: 2 pre-LN blocks, batch {batch_size}, T {seq}, "
            f"width {width}, {heads} heads, Adam, donated; dropout rate {cfg.train_rate} "
            "after attention, in the MLP and after it")

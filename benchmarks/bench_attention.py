@@ -122,26 +122,6 @@ def bench_attention(cfg: Config) -> list[dict]:
   ]
 
 
-class Block(nn.Module):
-  """Pre-norm transformer block with dropout on weights, attention and MLP outputs."""
-
-  width: int
-  heads: int
-  rate: float
-  attention_fn: Callable
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    h = nn.MultiHeadDotProductAttention(
-        num_heads=self.heads, dropout_rate=self.rate, broadcast_dropout=False,
-        attention_fn=self.attention_fn, deterministic=not train,
-    )(nn.LayerNorm()(x), mask=nn.make_causal_mask(x[..., 0]))
-    x = x + nn.Dropout(self.rate, deterministic=not train)(h)
-    h = nn.Dense(4 * self.width)(nn.LayerNorm()(x))
-    h = nn.Dense(self.width)(nn.gelu(h))
-    return x + nn.Dropout(self.rate, deterministic=not train)(h)
-
-
 def bench_block(cfg: Config) -> list[dict]:
   shape = (cfg.block_batch, cfg.block_length, cfg.block_width)
   x = jax.random.normal(jax.random.key(1), shape, cfg.dtype)
@@ -151,7 +131,9 @@ def bench_block(cfg: Config) -> list[dict]:
       "flax default attention_fn": nn.dot_product_attention,
       "jaxdrop.linen.dot_product_attention": jaxdrop.linen.dot_product_attention,
   }.items():
-    model = Block(cfg.block_width, cfg.block_heads, cfg.rate, fn)
+    # Dropout on the attention weights and on both residual branches.
+    model = bench.Block(cfg.block_heads, cfg.rate, attention_fn=fn, attention_dropout=True,
+                        hidden_dropout=False, causal=True)
     params = model.init(jax.random.key(2), x, train=False)["params"]
 
     def step(params, opt_state, x, key, model=model):
