@@ -649,37 +649,32 @@ def _operand_reason(q, k, v, bias, mask, config: base.Config) -> str | None:
   return None
 
 
-def attention(
+class Prepared(NamedTuple):
+  """One call's static description and its padded kernel operands."""
+
+  st: _Static
+  operands: tuple  # (q, k, v, bias, mask, keys, threshold, dscale), as the kernels take them
+
+
+def prepare(
     q, k, v, bias, mask, key_data, rate, config: base.Config,
     blocks: BlockSizes | None = None, interpret: bool = False,
-):
-  """Fused attention with dropout; arguments as :func:`xla.attention` (already validated).
+) -> Prepared:
+  """What :func:`attention` hands the kernels: arguments as there.
 
-  Args:
-    q: ``[B, T, N, H]``.
-    k, v: ``[B, S, K, H]`` with ``K`` dividing ``N``.
-    bias: float, 4-D, broadcastable to ``[B, N, T, S]``, or None.
-    mask: bool, 4-D, broadcastable to ``[B, N, T, S]``, or None.
-    key_data: uint32[2] threefry key data (None without dropout).
-    rate: the traced rate (None when ``config.fixed_rate`` is set).
-    config: the static :class:`base.Config`.
-    blocks: tile sizes; None uses the :class:`BlockSizes` defaults, shrunk to
-      the sequence lengths.
-    interpret: run the kernels in the Pallas interpreter (any backend; slow).
-
-  Returns:
-    ``[B, T, N, H]`` in the dtype of ``q``.
+  ``_forward(p.st, *p.operands)`` runs the forward kernel alone, and
+  ``_backward(p.st, (*p.operands, out, lse), d_out)`` the backward ones, as
+  ``benchmarks/gpu_attention_check.py`` times them.
 
   Raises:
-    ValueError: bad ``blocks``, or operands the kernels do not
-      support (see :func:`unsupported_reason`, less its platform check).
+    ValueError: as :func:`attention`.
   """
   # No platform check here: the kernels also lower for "cuda" from another host
   # (jax.export); callers that pick an implementation use unsupported_reason.
   reason = _operand_reason(q, k, v, bias, mask, config)
   if reason is not None:
     raise ValueError(reason)
-  batch, rows, heads, head_dim = q.shape
+  rows, heads, head_dim = q.shape[1:]
   cols, kv_heads = k.shape[1], k.shape[2]
   blocks = _check_blocks(BlockSizes() if blocks is None else blocks).shrunk(rows, cols)
   rows_p = -(-rows // blocks.row_multiple) * blocks.row_multiple
@@ -707,5 +702,34 @@ def attention(
     # A rate of 1 keeps nothing: no byte reaches 256.
     threshold = jnp.where(resolved.keep_any, resolved.threshold, np.uint32(256)).astype(_U32)
     dscale = resolved.scale.astype(_F32)
-  out = _attention(st, q, k, v, bias, mask, keys, threshold, dscale)
-  return out[:, :rows]
+  return Prepared(st, (q, k, v, bias, mask, keys, threshold, dscale))
+
+
+def attention(
+    q, k, v, bias, mask, key_data, rate, config: base.Config,
+    blocks: BlockSizes | None = None, interpret: bool = False,
+):
+  """Fused attention with dropout; arguments as :func:`xla.attention` (already validated).
+
+  Args:
+    q: ``[B, T, N, H]``.
+    k, v: ``[B, S, K, H]`` with ``K`` dividing ``N``.
+    bias: float, 4-D, broadcastable to ``[B, N, T, S]``, or None.
+    mask: bool, 4-D, broadcastable to ``[B, N, T, S]``, or None.
+    key_data: uint32[2] threefry key data (None without dropout).
+    rate: the traced rate (None when ``config.fixed_rate`` is set).
+    config: the static :class:`base.Config`.
+    blocks: tile sizes; None uses the :class:`BlockSizes` defaults, shrunk to
+      the sequence lengths.
+    interpret: run the kernels in the Pallas interpreter (any backend; slow).
+
+  Returns:
+    ``[B, T, N, H]`` in the dtype of ``q``.
+
+  Raises:
+    ValueError: bad ``blocks``, or operands the kernels do not
+      support (see :func:`unsupported_reason`, less its platform check).
+  """
+  prepared = prepare(q, k, v, bias, mask, key_data, rate, config, blocks, interpret)
+  out = _attention(prepared.st, *prepared.operands)
+  return out[:, : q.shape[1]]
