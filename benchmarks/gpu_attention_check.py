@@ -12,7 +12,10 @@ on to the next:
       dropout, and none), ``jax.nn`` cuDNN, the private cuDNN module with
       dropout (timed only), jaxdrop ``"xla"`` and ``"pallas"``, with compiled
       temp memory; then causal T = S = 4096, T = 8192 for pallas, and a small
-      block-size sweep while time remains.
+      block-size sweep while time remains;
+  (d) a profile at the main shape: each kernel (forward, dq, dk/dv) timed
+      alone at rates 0 and 0.1, with its TFLOP/s, so that a missed target
+      shows where the time goes.
 
 Each section runs in its own process, so that a compiler crash or a host
 out-of-memory kill (as XLA's Triton pipeline gave for an earlier hash layout)
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -90,7 +94,7 @@ SMOKE = Settings(
 SMOKE_BLOCKS = pt.BlockSizes(q=16, k=16, q_dkv=16, k_dkv=16, q_dq=16, k_dq=16)
 
 START = time.perf_counter()
-RESULTS: dict = {"checks": [], "timings": [], "notes": []}
+RESULTS: dict = {"checks": [], "timings": [], "notes": [], "profile": []}
 PART: Path | None = None  # in a section's process: where RESULTS go after each item
 
 
@@ -376,6 +380,43 @@ def main_table(settings) -> None:
           close(g, w, 3e-2, name)
 
 
+def kernel_profile(settings) -> None:
+  """Each kernel alone at the main shape, rates 0 and 0.1: where the time goes.
+
+  The rate-0.1 / rate-0 ratio of a kernel is what its mask (hash and select)
+  costs; TFLOP/s counts the kernel's own matmuls, recomputation included:
+  forward 4, dq 6, dk/dv 8 times B N T S H.
+  """
+  b, t, n, h = settings.batch, settings.seq, settings.heads, settings.head_dim
+  shape = main_shape(settings)
+  q, k, v, d_out = qkv(2, b, t, t, n, n, h, jnp.bfloat16)
+  blocks = SMOKE_BLOCKS if settings.interpret else None
+  work = {"forward": 4, "dq": 6, "dk/dv": 8}
+  for rate in settings.rates:
+    kernels = None
+    with item(f"(d) profile: the forward's residuals, rate={rate} {shape}"):
+      config = config_for(settings, b, n, h, False, rate)
+      st, operands = pt.prepare(q, k, v, None, None, KEY_DATA, None, config, blocks,
+                                settings.interpret)
+      # The library's private kernel entry points, each alone.
+      forward = functools.partial(pt._forward, st)
+      residuals = (*operands, *jax.jit(forward)(*operands))
+      kernels = {
+          "forward": (forward, operands),
+          # XLA drops a kernel whose outputs are unused: one kernel (and delta) each.
+          "dq": (lambda r, d: pt._backward(st, r, d)[0], (residuals, d_out)),
+          "dk/dv": (lambda r, d: pt._backward(st, r, d)[1:3], (residuals, d_out)),
+      }
+    for name, (fn, args) in (kernels or {}).items():
+      with item(f"(d) profile: {name} kernel alone, rate={rate} {shape}"):
+        seconds, _, _, _ = compile_and_time(settings, fn, args)
+        tflops = work[name] * b * n * t * t * h / seconds / 1e12
+        RESULTS["profile"].append(dict(kernel=name, rate=rate, shape=shape,
+                                       ms=seconds * 1e3, tflops=tflops))
+        print(f"     {name:<8} rate {rate:<4} {seconds * 1e3:9.3f} ms  {tflops:6.1f} TFLOP/s",
+              flush=True)
+
+
 def causal_table(settings) -> None:
   b, t, n, h = settings.batch, settings.causal_seq, settings.heads, settings.head_dim
   shape = f"causal B{b} T=S={t} N{n} H{h} bf16"
@@ -470,6 +511,24 @@ def table() -> str:
   return "\n".join(lines)
 
 
+def profile_table() -> str:
+  """(d) as markdown: each kernel's time at rates 0 and 0.1, and what the mask adds."""
+  lines = [
+      "| kernel | rate 0 ms | rate 0.1 ms | mask cost | TFLOP/s at 0.1 |",
+      "|---|---|---|---|---|",
+  ]
+  by = {(r["kernel"], r["rate"]): r for r in RESULTS["profile"]}
+  for kernel in dict.fromkeys(r["kernel"] for r in RESULTS["profile"]):
+    plain, dropped = by.get((kernel, 0.0)), by.get((kernel, 0.1))
+    cost = f"{dropped['ms'] / plain['ms']:.2f}x" if plain and dropped else "-"
+    lines.append(
+        f"| {kernel} | {plain['ms'] if plain else float('nan'):.3f} "
+        f"| {dropped['ms'] if dropped else float('nan'):.3f} | {cost} "
+        f"| {dropped['tflops'] if dropped else float('nan'):.0f} |"
+    )
+  return "\n".join(lines)
+
+
 def targets(settings) -> None:
   def ms(label, rate, mode="fwd+bwd"):
     for r in RESULTS["timings"]:
@@ -503,8 +562,8 @@ def checks(settings) -> None:
 
 # Each runs in its own process, in this order.
 SECTIONS = {
-    "checks": checks, "main": main_table, "causal": causal_table, "long": long_table,
-    "sweep": sweep,
+    "checks": checks, "main": main_table, "profile": kernel_profile, "causal": causal_table,
+    "long": long_table, "sweep": sweep,
 }
 
 
@@ -543,7 +602,7 @@ def run_children(options, settings, folder: Path, save) -> None:
       except ValueError as error:
         failure = f"{failure or 'it ended'}; its results were unreadable: {error}"
       else:
-        for field in ("checks", "timings", "notes"):
+        for field in ("checks", "timings", "notes", "profile"):
           RESULTS[field] += child[field]
       part.unlink()
     if failure is not None:
@@ -594,6 +653,8 @@ def main(argv=None) -> dict:
   print()
   print(table())
   print()
+  print(profile_table())
+  print()
   targets(settings)
   failed = [c["name"] for c in RESULTS["checks"] if not c["ok"]]
   print(f"\n{len(RESULTS['checks']) - len(failed)} items ok, {len(failed)} failed "
@@ -601,6 +662,7 @@ def main(argv=None) -> dict:
   for name in failed:
     print("  failed:", name)
   RESULTS["table_markdown"] = table()
+  RESULTS["profile_markdown"] = profile_table()
   save()
   print("wrote", path)
   return RESULTS

@@ -33,4 +33,6 @@ def test_smoke_run_passes_its_checks_and_records_the_table(tmp_path):
   assert ("jaxdrop pallas", 0.1, "fwd+bwd") in labels
   assert ("jaxdrop xla", 0.1, "fwd") in labels
   assert any("skipped the long sequence" in note for note in results["notes"])
+  profiled = {(r["kernel"], r["rate"]) for r in results["profile"]}
+  assert profiled == {(k, r) for k in ("forward", "dq", "dk/dv") for r in (0.0, 0.1)}
   assert not list(tmp_path.glob("*.part.json"))  # merged and removed
