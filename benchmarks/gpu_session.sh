@@ -9,20 +9,22 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# The device image's JAX lives in the interpreter that a plain `python3` runs.
+PY=${PYTHON:-python3}
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-timeout 30 python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+timeout 30 "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 
 # Issue 9: attention kernels, checks then timings; optional items start only
 # within the budget, and a section still running at --total-s is killed.
-timeout 305 python benchmarks/gpu_attention_check.py --budget-s 190 --total-s 290 --out "$OUT" \
+timeout 305 "$PY" benchmarks/gpu_attention_check.py --budget-s 190 --total-s 290 --out "$OUT" \
   2>&1 | tee "$OUT/attention.log" || status=1
 
 # Issue 10: masks equal jax.random.bits on the device, then the elementwise and
 # train-step numbers at the issue's shapes (2^28 elements; 3 x Dense 4096, batch
 # 8192; a bf16 transformer step, 2 blocks, batch 16, T 1024, width 1024, 16 heads).
-timeout 45 python benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log" || status=1
-timeout 190 python benchmarks/bench.py --platform gpu --log2-sizes 28 --rates 0.1 \
+timeout 45 "$PY" benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log" || status=1
+timeout 190 "$PY" benchmarks/bench.py --platform gpu --log2-sizes 28 --rates 0.1 \
   --mlp-inputs 4096 --mlp-widths 4096 4096 4096 --mlp-batch 8192 --block-shape 16 1024 1024 16 \
   --json "$OUT/gpu-issue10.json" 2>&1 | tee "$OUT/bench.log" || status=1
 exit $status
