@@ -416,6 +416,21 @@ def _masked_scale(spec, key_data, x, resolved):
   return jnp.where(keep, y, resolved.fill).astype(x.dtype)
 
 
+def _recomputed_masked_scale(spec, key_data, x, resolved):
+  """``_masked_scale`` for the tangent, whose transpose recomputes the mask.
+
+  It runs under ``jax.checkpoint(prevent_cse=False)``: the default barrier
+  would hold every input, so XLA could not fuse the incoming cotangent's
+  producer (a bias-add, a split-K reduction) into the masking, and would build
+  the key words into an array for it (extra GPU kernels). Only the key words
+  pass a barrier here: XLA then cannot merge the backward's hash with the
+  forward's (which would keep the mask alive between them), and key words
+  that some other kernel already computed need no kernel of their own.
+  """
+  words = jax.lax.optimization_barrier(tuple(key_data[i] for i in range(key_data.shape[0])))
+  return _masked_scale.fun(spec, jnp.stack(words), x, resolved)
+
+
 @_masked_scale.defjvp
 def _masked_scale_jvp(spec, primals, tangents):
   key_data, x, resolved = primals
@@ -424,7 +439,7 @@ def _masked_scale_jvp(spec, primals, tangents):
   # The tangent is linear in x_dot; under checkpoint its transpose recomputes
   # the mask from the key instead of keeping it alive for the backward pass.
   tangent_resolved = resolved._replace(fill=resolved.fill * 0)
-  y_dot = jax.checkpoint(_masked_scale.fun, static_argnums=(0,))(
+  y_dot = jax.checkpoint(_recomputed_masked_scale, static_argnums=(0,), prevent_cse=False)(
       spec, key_data, x_dot, tangent_resolved
   )
   return y, y_dot

@@ -78,6 +78,15 @@ def test_every_key_implementation_thresholds_its_own_bits(impl):
   )
 
 
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg", "threefry2x32"])
+def test_every_key_implementation_drops_the_same_elements_in_the_backward_pass(impl):
+  # The backward pass recomputes the mask from every word of the key (4 for rbg).
+  key = jax.random.key(3, impl=impl)
+  x = jnp.arange(1.0, 301.0).reshape(20, 15)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(jaxdrop.dropout(key, x, 0.4))))(x)
+  np.testing.assert_array_equal(grad != 0, reference(key, x, 0.4) != 0)
+
+
 def test_raw_and_typed_keys_agree():
   raw = jax.random.PRNGKey(42)
   x = jnp.ones((50,))
