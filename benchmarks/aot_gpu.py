@@ -9,8 +9,9 @@ present). It reports what a compile fixes, never a time:
   (1) ``bench.py``'s MLP train step at issue 10's shape (3 x Dense 4096 +
       relu + dropout 0.1, batch 8192, float32, Adam, donated; input width
       4096), the step the GPU session times: compiled temp
-      memory for no dropout, flax, jaxdrop (both modes), jaxdrop under
-      ``jax.checkpoint`` policies, and ``relu_dropout``;
+      memory and kernel launches for no dropout, flax, jaxdrop (both
+      modes), jaxdrop under ``jax.checkpoint`` policies, and
+      ``relu_dropout``; then the same at ``bench.py``'s small default shape;
   (2) attention, B 8, T = S = 2048, N 16, H 64, bfloat16, forward+backward:
       compiled temp memory of flax, jaxdrop ``"xla"`` and ``"pallas"``;
   (3) the Pallas kernels through XLA's own Triton pipeline for each covered
@@ -18,7 +19,8 @@ present). It reports what a compile fixes, never a time:
       Triton's passes, where a layout once exhausted host memory);
   (4) the fast-mode elementwise kernel (``jaxdrop._pallas_dropout``), the same;
   (5) ``bench.py``'s bf16 transformer train step at issue 10's GPU shape
-      (2 blocks, batch 16, T 1024, width 1024, 16 heads): temp memory.
+      (2 blocks, batch 16, T 1024, width 1024, 16 heads): temp memory and
+      kernel launches.
 
 Run: ``JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/aot_gpu.py``
 """
@@ -26,6 +28,7 @@ Run: ``JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/aot
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import time
 import traceback
@@ -91,7 +94,7 @@ def temp_mb(fn, *args) -> float:
 
 
 def report(name: str, compute) -> None:
-  """Prints one row; a failure prints its error and the run goes on."""
+  """Prints one row (MB, or MB and kernels); a failure prints its error and the run goes on."""
   start = time.perf_counter()
   try:
     value = compute()
@@ -99,7 +102,10 @@ def report(name: str, compute) -> None:
     print(f"  {name:<58} FAILED {type(error).__name__}: {str(error)[:300]}", flush=True)
     traceback.print_exc(limit=2)
     return
-  print(f"  {name:<58} {value:10.1f} MB  ({time.perf_counter() - start:.1f} s)", flush=True)
+  megabytes, kernels = value if isinstance(value, tuple) else (value, None)
+  launches = "" if kernels is None else f"  {kernels:4d} kernels"
+  print(f"  {name:<58} {megabytes:10.1f} MB{launches}  ({time.perf_counter() - start:.1f} s)",
+        flush=True)
 
 
 # ----------------------------------------------------------------------------
@@ -108,19 +114,40 @@ def report(name: str, compute) -> None:
 WIDTH, BATCH, RATE = 4096, 8192, 0.1
 
 
-def step_temp(model: nn.Module, batch, loss_of) -> float:
-  """Temp memory of ``bench.py``'s donated train step for ``model``, compiled for the H100."""
+# Entry instructions that launch nothing: they name, pick or reinterpret buffers.
+_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier"}
+
+
+def kernel_count(compiled) -> int:
+  """GPU kernels one run of ``compiled`` launches: its entry's fusions, library calls, copies.
+
+  Launches cost a few microseconds each, which matters for small steps. Loops
+  would launch their bodies many times, so a program with one is refused.
+  """
+  text = compiled.as_text()
+  entry = text[text.index("\nENTRY"):]
+  entry = entry[: entry.index("\n}")]
+  opcodes = re.findall(r"^\s*(?:ROOT )?%\S+ = .*? ([a-z][a-z-]*)\(", entry, re.M)
+  if {"while", "call", "conditional"} & set(opcodes):
+    raise ValueError("kernel_count counts straight-line programs only")
+  return sum(op not in _NO_KERNEL for op in opcodes)
+
+
+def step_cost(model: nn.Module, batch, loss_of) -> tuple[float, int]:
+  """Temp MB and kernel count of ``bench.py``'s donated train step, compiled for the H100."""
   tx = optax.adam(1e-3)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch[0], train=False)["params"])
   opt_state = jax.eval_shape(tx.init, params)
   step = bench.make_train_step(model, tx, loss_of)
   with h100_context():
     lowered = step.lower(*on_h100((params, opt_state, batch, jax.random.key(0))))
-  return lowered.compile().memory_analysis().temp_size_in_bytes / 1e6
+  compiled = lowered.compile()
+  return compiled.memory_analysis().temp_size_in_bytes / 1e6, kernel_count(compiled)
 
 
 def mlp_table() -> None:
-  print(f"(1) MLP step, 3 x Dense {WIDTH}, batch {BATCH}, float32, Adam, donated: temp memory")
+  print(f"(1) MLP step, 3 x Dense {WIDTH}, batch {BATCH}, float32, Adam, donated: temp memory, "
+        "kernels")
   batch = (jnp.zeros((BATCH, WIDTH)), jnp.zeros((BATCH,), jnp.int32))
   not_dropout = jax.checkpoint_policies.save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
   rows = {
@@ -135,7 +162,14 @@ def mlp_table() -> None:
   }
   for name, (dropout, policy) in rows.items():
     model = bench.MLP(dropout, RATE, widths=(WIDTH,) * 3, remat_policy=policy)
-    report(name, functools.partial(step_temp, model, batch, bench.classification_loss))
+    report(name, functools.partial(step_cost, model, batch, bench.classification_loss))
+
+  # A step small enough that launches, not bytes, set its time on a GPU.
+  print("    the same at bench.py's default shape (784-1024-1024-10, batch 256)")
+  batch = (jnp.zeros((256, 784)), jnp.zeros((256,), jnp.int32))
+  for name in ("no dropout", "flax.linen.Dropout", "jaxdrop.linen.Dropout", "jaxdrop.relu_dropout"):
+    model = bench.MLP(rows[name][0], RATE)
+    report(name, functools.partial(step_cost, model, batch, bench.classification_loss))
 
 
 # ----------------------------------------------------------------------------
@@ -204,7 +238,7 @@ def _attention_rows() -> None:
 
 def block_table() -> None:
   shape = (16, 1024, 1024, 16)
-  print(f"\n(5) bf16 transformer train step, B T D N = {shape}, dropout 0.1: temp memory")
+  print(f"\n(5) bf16 transformer train step, B T D N = {shape}, dropout 0.1: temp memory, kernels")
   batch_size, seq, width, heads = shape
   batch = (jnp.zeros((batch_size, seq, width), jnp.bfloat16),
            jnp.zeros((batch_size, seq, width), jnp.float32))
@@ -215,7 +249,7 @@ def block_table() -> None:
       ("Pallas fast-mode kernel", bench.PALLAS_FAST),
   ):
     model = bench.Block(heads, RATE, dropout=dropout, depth=2, dtype=jnp.bfloat16)
-    report(name, functools.partial(step_temp, model, batch, bench.regression_loss))
+    report(name, functools.partial(step_cost, model, batch, bench.regression_loss))
 
 
 def elementwise_table() -> None:
