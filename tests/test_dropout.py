@@ -574,6 +574,39 @@ def test_backward_keeps_only_the_key():
   assert traced - none <= 1024, (none, traced)
 
 
+def _barriers(jaxpr):
+  """Each barrier in ``jaxpr`` and its sub-jaxprs: an optimization_barrier's
+  operands as (shape, dtype) pairs, or "remat" for a checkpoint whose
+  lowering puts a barrier on all its inputs (``prevent_cse=True``)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "optimization_barrier":
+      found.append([(v.aval.shape, v.aval.dtype) for v in eqn.invars])
+    if eqn.params.get("prevent_cse"):
+      found.append("remat")
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else [param]:
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
+        if hasattr(sub, "eqns"):
+          found += _barriers(sub)
+  return found
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_backward_barrier_holds_the_key_words_and_nothing_else(impl):
+  # The backward recomputes the mask behind a barrier on the key: without one,
+  # XLA may merge its hash with the forward's and keep the mask alive between
+  # the two (seen compiling for a GPU). With more than the key behind it (the
+  # incoming cotangent), XLA cannot fuse that cotangent's producer into the
+  # masking and launches extra GPU kernels. Neither shows in CPU memory.
+  key = jax.random.key(0, impl=impl)
+  words = jax.random.key_data(key).shape[0]
+  x = jnp.ones((8, 16))
+  loss = lambda x: jnp.sum(jnp.tanh(jaxdrop.dropout(key, x * 2, 0.5)))  # noqa: E731
+  barriers = _barriers(jax.make_jaxpr(jax.grad(loss))(x).jaxpr)
+  assert barriers == [[((), jnp.dtype(jnp.uint32))] * words]
+
+
 def _named_mlp_loss(layer):
   """An MLP loss that tags its dense outputs, as a model with remat names would."""
 
