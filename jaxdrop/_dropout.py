@@ -416,17 +416,19 @@ def _masked_scale(spec, key_data, x, resolved):
   return jnp.where(keep, y, resolved.fill).astype(x.dtype)
 
 
-def _recomputed_masked_scale(spec, key_data, x, resolved):
-  """``_masked_scale`` for the tangent, whose transpose recomputes the mask.
+def _masked_scale_behind_key_barrier(spec, key_data, x, resolved):
+  """``_masked_scale`` with a barrier on the key alone, for the tangent's recomputation.
 
-  It runs under ``jax.checkpoint(prevent_cse=False)``: the default barrier
-  would hold every input, so XLA could not fuse the incoming cotangent's
-  producer (a bias-add, a split-K reduction) into the masking, and would build
-  the key words into an array for it (extra GPU kernels). Only the key words
-  pass a barrier here: XLA then cannot merge the backward's hash with the
-  forward's (which would keep the mask alive between them), and key words
-  that some other kernel already computed need no kernel of their own.
+  Under ``jax.checkpoint(prevent_cse=False)``. The checkpoint's default barrier
+  holds every input, so XLA could not fuse the incoming cotangent's producer (a
+  bias-add, a split-K reduction) into the masking (extra GPU kernels); with no
+  barrier at all, XLA merges the backward's hash with the forward's and keeps
+  the mask alive between the passes. The fused threefry hash reads the key's
+  words as scalars, so they pass one by one (words that some kernel already
+  computed then need no kernel to be joined); other generators read the array.
   """
+  if spec.impl != _THREEFRY:
+    return _masked_scale.fun(spec, jax.lax.optimization_barrier(key_data), x, resolved)
   words = jax.lax.optimization_barrier(tuple(key_data[i] for i in range(key_data.shape[0])))
   return _masked_scale.fun(spec, jnp.stack(words), x, resolved)
 
@@ -439,9 +441,17 @@ def _masked_scale_jvp(spec, primals, tangents):
   # The tangent is linear in x_dot; under checkpoint its transpose recomputes
   # the mask from the key instead of keeping it alive for the backward pass.
   tangent_resolved = resolved._replace(fill=resolved.fill * 0)
-  y_dot = jax.checkpoint(_recomputed_masked_scale, static_argnums=(0,), prevent_cse=False)(
-      spec, key_data, x_dot, tangent_resolved
-  )
+  if spec.bits == 16:
+    # The fast mode's packed words are a kernel of their own: behind a barrier
+    # on the key alone they would depend on nothing else, and XLA computes them
+    # in the forward pass and keeps them. The default barrier ties them to the
+    # cotangent.
+    recompute = jax.checkpoint(_masked_scale.fun, static_argnums=(0,))
+  else:
+    recompute = jax.checkpoint(
+        _masked_scale_behind_key_barrier, static_argnums=(0,), prevent_cse=False
+    )
+  y_dot = recompute(spec, key_data, x_dot, tangent_resolved)
   return y, y_dot
 
 

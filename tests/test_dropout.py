@@ -592,19 +592,29 @@ def _barriers(jaxpr):
   return found
 
 
-@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
-def test_backward_barrier_holds_the_key_words_and_nothing_else(impl):
+U32 = jnp.dtype(jnp.uint32)
+
+
+@pytest.mark.parametrize(
+    "impl, bits, expected",
+    [
+        ("threefry2x32", 32, [[((), U32), ((), U32)]]),  # the key's words, one by one
+        ("rbg", 32, [[((4,), U32)]]),  # the key's array
+        ("threefry2x32", 16, ["remat"]),  # the key and the cotangent
+    ],
+)
+def test_backward_barrier_holds_the_key_and_nothing_else(impl, bits, expected):
   # The backward recomputes the mask behind a barrier on the key: without one,
   # XLA may merge its hash with the forward's and keep the mask alive between
   # the two (seen compiling for a GPU). With more than the key behind it (the
   # incoming cotangent), XLA cannot fuse that cotangent's producer into the
-  # masking and launches extra GPU kernels. Neither shows in CPU memory.
+  # masking and launches extra GPU kernels. Neither shows in CPU memory. The
+  # fast mode's packed words are the exception: they need the cotangent behind
+  # the barrier too, or XLA computes them in the forward pass and keeps them.
   key = jax.random.key(0, impl=impl)
-  words = jax.random.key_data(key).shape[0]
   x = jnp.ones((8, 16))
-  loss = lambda x: jnp.sum(jnp.tanh(jaxdrop.dropout(key, x * 2, 0.5)))  # noqa: E731
-  barriers = _barriers(jax.make_jaxpr(jax.grad(loss))(x).jaxpr)
-  assert barriers == [[((), jnp.dtype(jnp.uint32))] * words]
+  loss = lambda x: jnp.sum(jnp.tanh(jaxdrop.dropout(key, x * 2, 0.5, bits=bits)))  # noqa: E731
+  assert _barriers(jax.make_jaxpr(jax.grad(loss))(x).jaxpr) == expected
 
 
 def _named_mlp_loss(layer):
