@@ -220,6 +220,15 @@ def print_elementwise(records: list[dict]) -> None:
 # The MLP train step: memory and time.
 
 
+def _drop(module: nn.Module, dropout, rate: float, x: jax.Array, train: bool) -> jax.Array:
+  """``x`` through ``dropout`` (a linen Dropout class, PALLAS_FAST, or None) inside ``module``."""
+  if dropout is None or not train:
+    return x
+  if dropout == PALLAS_FAST:
+    return _pallas_dropout.dropout16(module.make_rng("dropout"), x, rate)
+  return dropout(rate, deterministic=False)(x)
+
+
 class MLP(nn.Module):
   # A linen Dropout class, RELU_DROPOUT (jaxdrop.relu_dropout in place of relu
   # and dropout), PALLAS_FAST (relu, then the Pallas fast-mode kernel), or None.
@@ -234,18 +243,11 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for width in self.widths:
       h = checkpoint_name(nn.Dense(width)(x), "dense")
-      if self.dropout == PALLAS_FAST:
-        x = nn.relu(h)
-        if train:
-          x = _pallas_dropout.dropout16(self.make_rng("dropout"), x, self.rate)
-        continue
       if self.dropout == RELU_DROPOUT:
         x = jaxdrop.relu_dropout(self.make_rng("dropout") if train else None, h, self.rate,
                                  deterministic=not train)
-        continue
-      x = nn.relu(h)
-      if self.dropout is not None:
-        x = self.dropout(self.rate, deterministic=not train)(x)
+      else:
+        x = _drop(self, self.dropout, self.rate, nn.relu(h), train)
     return nn.Dense(10)(x)
 
 
@@ -268,11 +270,7 @@ class Block(nn.Module):
   dtype: Any = None  # the computation dtype; parameters stay float32
 
   def _drop(self, x: jax.Array, train: bool) -> jax.Array:
-    if self.dropout is None or not train:
-      return x
-    if self.dropout == PALLAS_FAST:
-      return _pallas_dropout.dropout16(self.make_rng("dropout"), x, self.rate)
-    return self.dropout(self.rate, deterministic=False)(x)
+    return _drop(self, self.dropout, self.rate, x, train)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
