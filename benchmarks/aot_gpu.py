@@ -111,7 +111,7 @@ def report(name: str, compute) -> None:
 # ----------------------------------------------------------------------------
 # (1) The MLP step.
 
-WIDTH, BATCH, RATE = 4096, 8192, 0.1
+RATE = 0.1
 
 
 # Entry instructions that launch nothing: they name, pick or reinterpret buffers.
@@ -146,30 +146,15 @@ def step_cost(model: nn.Module, batch, loss_of) -> tuple[float, int]:
 
 
 def mlp_table() -> None:
-  print(f"(1) MLP step, 3 x Dense {WIDTH}, batch {BATCH}, float32, Adam, donated: temp memory, "
-        "kernels")
-  batch = (jnp.zeros((BATCH, WIDTH)), jnp.zeros((BATCH,), jnp.int32))
-  not_dropout = jax.checkpoint_policies.save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
-  rows = {
-      "no dropout": (None, None),
-      "flax.linen.Dropout": (nn.Dropout, None),
-      "jaxdrop.linen.Dropout": (jaxdrop.linen.Dropout, None),
-      "jaxdrop.linen.Dropout bits=16": (functools.partial(jaxdrop.linen.Dropout, bits=16), None),
-      "Pallas fast-mode kernel": (bench.PALLAS_FAST, None),
-      "jaxdrop + checkpoint(save_any_names_but_these)": (jaxdrop.linen.Dropout, not_dropout),
-      "no dropout + checkpoint(save_any_names_but_these)": (None, not_dropout),
-      "jaxdrop.relu_dropout": (bench.RELU_DROPOUT, None),
-  }
-  for name, (dropout, policy) in rows.items():
-    model = bench.MLP(dropout, RATE, widths=(WIDTH,) * 3, remat_policy=policy)
-    report(name, functools.partial(step_cost, model, batch, bench.classification_loss))
-
-  # A step small enough that launches, not bytes, set its time on a GPU.
-  print("    the same at bench.py's default shape (784-1024-1024-10, batch 256)")
-  batch = (jnp.zeros((256, 784)), jnp.zeros((256,), jnp.int32))
-  for name in ("no dropout", "flax.linen.Dropout", "jaxdrop.linen.Dropout", "jaxdrop.relu_dropout"):
-    model = bench.MLP(rows[name][0], RATE)
-    report(name, functools.partial(step_cost, model, batch, bench.classification_loss))
+  cfg = bench.Config(mlp_inputs=4096, mlp_widths=(4096,) * 3, mlp_batch=8192, train_rate=RATE)
+  for title, cfg in (
+      ("(1) MLP step, 3 x Dense 4096, batch 8192", cfg),
+      ("(1b) MLP step, 784-1024-1024-10, batch 256 (bench.py's default)", bench.Config()),
+  ):
+    print(f"{title}, float32, Adam, donated: temp memory, kernels")
+    batch = (jnp.zeros((cfg.mlp_batch, cfg.mlp_inputs)), jnp.zeros((cfg.mlp_batch,), jnp.int32))
+    for name, model in bench.train_models(cfg, gpu=True).items():
+      report(name, functools.partial(step_cost, model, batch, bench.classification_loss))
 
 
 # ----------------------------------------------------------------------------
@@ -237,18 +222,13 @@ def _attention_rows() -> None:
 
 
 def block_table() -> None:
-  shape = (16, 1024, 1024, 16)
-  print(f"\n(5) bf16 transformer train step, B T D N = {shape}, dropout 0.1: temp memory, kernels")
-  batch_size, seq, width, heads = shape
+  cfg = bench.Config(block_shape=(16, 1024, 1024, 16), train_rate=RATE)
+  print(f"\n(5) bf16 transformer train step, B T D N = {cfg.block_shape}, dropout {RATE}: "
+        "temp memory, kernels")
+  batch_size, seq, width, _ = cfg.block_shape
   batch = (jnp.zeros((batch_size, seq, width), jnp.bfloat16),
            jnp.zeros((batch_size, seq, width), jnp.float32))
-  for name, dropout in (
-      ("no dropout", None), ("flax.linen.Dropout", nn.Dropout),
-      ("jaxdrop.linen.Dropout", jaxdrop.linen.Dropout),
-      ("jaxdrop.linen.Dropout bits=16", functools.partial(jaxdrop.linen.Dropout, bits=16)),
-      ("Pallas fast-mode kernel", bench.PALLAS_FAST),
-  ):
-    model = bench.Block(heads, RATE, dropout=dropout, depth=2, dtype=jnp.bfloat16)
+  for name, model in bench.block_models(cfg, gpu=True).items():
     report(name, functools.partial(step_cost, model, batch, bench.regression_loss))
 
 

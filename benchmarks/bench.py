@@ -290,7 +290,12 @@ class Block(nn.Module):
     return x
 
 
-def train_models(cfg: Config) -> dict[str, nn.Module]:
+def _on_gpu(gpu: bool | None) -> bool:
+  return jax.default_backend() == "gpu" if gpu is None else gpu
+
+
+def train_models(cfg: Config, gpu: bool | None = None) -> dict[str, nn.Module]:
+  """The MLP step's variants; ``gpu`` (default: the backend's) adds the Pallas kernel's."""
   mlp = functools.partial(MLP, rate=cfg.train_rate, widths=cfg.mlp_widths)
   models = {
       "no dropout": mlp(None),
@@ -300,7 +305,7 @@ def train_models(cfg: Config) -> dict[str, nn.Module]:
   if cfg.fast:
     models[FAST_LINEN] = mlp(functools.partial(jaxdrop.linen.Dropout, bits=16))
   models[RELU_DROPOUT] = mlp(RELU_DROPOUT)
-  if cfg.fast and jax.default_backend() == "gpu":
+  if cfg.fast and _on_gpu(gpu):
     models[PALLAS_FAST] = mlp(PALLAS_FAST)
   # Recomputing the dropout outputs under jax.checkpoint (docs/semantics.md).
   policy = jax.checkpoint_policies.save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
@@ -356,18 +361,24 @@ def bench_block_step(cfg: Config) -> dict:
       jax.random.normal(jax.random.key(3), shape, jnp.float32).astype(jnp.bfloat16),
       jax.random.normal(jax.random.key(4), shape, jnp.float32),
   )
-  block = functools.partial(Block, heads, cfg.train_rate, depth=2, dtype=jnp.bfloat16)
+  title = (f"bf16 transformer train step: 2 pre-LN blocks, batch {batch_size}, T {seq}, "
+           f"width {width}, {heads} heads, Adam, donated; dropout rate {cfg.train_rate} "
+           "after attention, in the MLP and after it")
+  return bench_steps(cfg, block_models(cfg), batch, regression_loss, title)
+
+
+def block_models(cfg: Config, gpu: bool | None = None) -> dict[str, nn.Module]:
+  """The transformer step's variants: 2 bf16 blocks, ``cfg.block_shape``'s heads."""
+  block = functools.partial(Block, cfg.block_shape[3], cfg.train_rate, depth=2,
+                            dtype=jnp.bfloat16)
   models = {"no dropout": block(dropout=None),
             "jaxdrop.linen.Dropout": block(dropout=jaxdrop.linen.Dropout),
             FLAX: block(dropout=nn.Dropout)}
   if cfg.fast:
     models[FAST_LINEN] = block(dropout=functools.partial(jaxdrop.linen.Dropout, bits=16))
-    if jax.default_backend() == "gpu":
+    if _on_gpu(gpu):
       models[PALLAS_FAST] = block(dropout=PALLAS_FAST)
-  title = (f"bf16 transformer train step: 2 pre-LN blocks, batch {batch_size}, T {seq}, "
-           f"width {width}, {heads} heads, Adam, donated; dropout rate {cfg.train_rate} "
-           "after attention, in the MLP and after it")
-  return bench_steps(cfg, models, batch, regression_loss, title)
+  return models
 
 
 def bench_steps(cfg: Config, models: dict[str, nn.Module], batch, loss_of: Callable,
