@@ -374,18 +374,26 @@ def resolve_rate(rate: Any, dtype: Any, bits: int = 32) -> _Threshold:
 # The masking kernel.
 
 
-def random_bits(key_data: jax.Array, impl: str, shape: tuple[int, ...]) -> jax.Array:
-  """``jax.random.bits(key, shape, jnp.uint32)``, fused where possible.
+def _fused_hash(impl: str, shape: tuple[int, ...]) -> bool:
+  """Whether :func:`random_bits` hashes in ``jax.numpy`` (else ``jax.random.bits``).
 
   The fused hash follows JAX's partitionable threefry. With
   ``jax_threefry_partitionable`` switched off (not the default) JAX's bits
   differ, so they come from ``jax.random.bits`` itself.
   """
-  if (
+  return (
       impl == _THREEFRY
       and jax.config.jax_threefry_partitionable
       and math.prod(shape) < _threefry.MAX_FUSED_SIZE
-  ):
+  )
+
+
+def random_bits(key_data: jax.Array, impl: str, shape: tuple[int, ...]) -> jax.Array:
+  """``jax.random.bits(key, shape, jnp.uint32)``, fused where possible (:func:`_fused_hash`).
+
+  ``key_data`` may also be the uint32[3] key schedule where the hash is fused.
+  """
+  if _fused_hash(impl, shape):
     return _threefry.bits32(key_data, shape)
   key = jax.random.wrap_key_data(key_data, impl=impl)
   return jax.random.bits(key, shape, jnp.uint32)
@@ -423,14 +431,16 @@ def _masked_scale_behind_key_barrier(spec, key_data, x, resolved):
   holds every input, so XLA could not fuse the incoming cotangent's producer (a
   bias-add, a split-K reduction) into the masking (extra GPU kernels); with no
   barrier at all, XLA merges the backward's hash with the forward's and keeps
-  the mask alive between the passes. The fused threefry hash reads the key's
-  words as scalars, so they pass one by one (words that some kernel already
-  computed then need no kernel to be joined); other generators read the array.
+  the mask alive between the passes. The fused threefry hash reads its key
+  schedule as scalars, so the three words pass one by one: words that some
+  kernel already computed then need no kernel to be joined, and the third
+  (``k0 ^ k1 ^ parity``) is computed with the key rather than in a GPU kernel
+  of its own per dropout. ``jax.random.bits`` reads the key's array.
   """
-  if spec.impl != _THREEFRY:
+  if not _fused_hash(spec.impl, spec.shape):
     return _masked_scale.fun(spec, jax.lax.optimization_barrier(key_data), x, resolved)
-  words = jax.lax.optimization_barrier(tuple(key_data[i] for i in range(key_data.shape[0])))
-  return _masked_scale.fun(spec, jnp.stack(words), x, resolved)
+  schedule = jax.lax.optimization_barrier(_threefry.key_schedule(key_data[0], key_data[1]))
+  return _masked_scale.fun(spec, jnp.stack(schedule), x, resolved)
 
 
 @_masked_scale.defjvp

@@ -40,11 +40,19 @@ def _rotl(x: jax.Array, r: int) -> jax.Array:
   return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
 
 
+def key_schedule(k0: jax.Array, k1: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The three words Threefry-2x32 injects between rounds: ``k0, k1, k0 ^ k1 ^ parity``."""
+  return k0, k1, k0 ^ k1 ^ _PARITY
+
+
 def threefry2x32(
     k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
   """Threefry-2x32 with 20 rounds on uint32 arrays (keys broadcast)."""
-  ks = (k0, k1, k0 ^ k1 ^ _PARITY)
+  return _rounds(key_schedule(k0, k1), x0, x1)
+
+
+def _rounds(ks: tuple[jax.Array, ...], x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
   x0 = x0 + ks[0]
   x1 = x1 + ks[1]
   for block in range(5):
@@ -79,14 +87,17 @@ def bits32(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """uint32 bits equal to ``jax.random.bits(key, shape, jnp.uint32)``.
 
   Args:
-    key_data: the uint32[2] data of a threefry key.
+    key_data: the uint32[2] data of a threefry key, or the uint32[3] of its
+      :func:`key_schedule` (which dropout's backward pass takes from behind a
+      barrier, computed with the key).
     shape: the output shape; its size must be below ``MAX_FUSED_SIZE``.
   """
   if math.prod(shape) >= MAX_FUSED_SIZE:
     raise ValueError(f"shape={shape} has 2**32 or more elements")
+  words = tuple(key_data[i] for i in range(key_data.shape[0]))
+  ks = words if len(words) == 3 else key_schedule(*words)
   hi = jnp.zeros((), jnp.uint32)
-  lo = linear_index(shape)
-  y0, y1 = threefry2x32(key_data[0], key_data[1], hi, lo)
+  y0, y1 = _rounds(ks, hi, linear_index(shape))
   return y0 ^ y1
 
 

@@ -45,9 +45,11 @@ def test_bits_equal_jax_random_bits(shape, make_key):
   key = make_key(1234)
   typed = jax.random.wrap_key_data(key) if make_key is jax.random.PRNGKey else key
   expected = jax.random.bits(key, shape, jnp.uint32)
-  np.testing.assert_array_equal(
-      _threefry.bits32(jax.random.key_data(typed), shape), expected
-  )
+  key_data = jax.random.key_data(typed)
+  np.testing.assert_array_equal(_threefry.bits32(key_data, shape), expected)
+  # The backward pass passes the key schedule instead of the key's two words.
+  schedule = jnp.stack(_threefry.key_schedule(key_data[0], key_data[1]))
+  np.testing.assert_array_equal(_threefry.bits32(schedule, shape), expected)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2**31 - 1, 987654321])
@@ -277,10 +279,11 @@ def test_non_partitionable_threefry_falls_back_to_jax_random_bits():
   previous = jax.config.jax_threefry_partitionable
   jax.config.update("jax_threefry_partitionable", False)
   try:
-    bits = jax.random.bits(key, (1000,), jnp.uint32)
-    np.testing.assert_array_equal(
-        jaxdrop.keep_mask(key, (1000,), 0.5), bits >= np.uint32(2**31)
-    )
+    keep = jax.random.bits(key, (1000,), jnp.uint32) >= np.uint32(2**31)
+    np.testing.assert_array_equal(jaxdrop.keep_mask(key, (1000,), 0.5), keep)
+    # The backward pass recomputes the same mask from the key's array.
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(jaxdrop.dropout(key, x, 0.5))))(jnp.ones(1000))
+    np.testing.assert_array_equal(grad != 0, keep)
   finally:
     jax.config.update("jax_threefry_partitionable", previous)
 
@@ -598,7 +601,7 @@ U32 = jnp.dtype(jnp.uint32)
 @pytest.mark.parametrize(
     "impl, bits, expected",
     [
-        ("threefry2x32", 32, [[((), U32), ((), U32)]]),  # the key's words, one by one
+        ("threefry2x32", 32, [[((), U32)] * 3]),  # the key schedule's words, one by one
         ("rbg", 32, [[((4,), U32)]]),  # the key's array
         ("threefry2x32", 16, ["remat"]),  # the key and the cotangent
     ],
