@@ -68,18 +68,14 @@ def _rounds(ks: tuple[jax.Array, ...], x0: jax.Array, x1: jax.Array) -> tuple[ja
 def linear_index(shape: tuple[int, ...]) -> jax.Array:
   """uint32 row-major index of every element of ``shape`` (size < 2**32).
 
-  Built from one ``iota`` per axis rather than a reshaped ``arange`` so that a
-  sharded consumer computes only its own slice of counters: XLA's partitioner
-  offsets each device's iota, and no collective is needed.
+  One ``iota`` over the flat size, reshaped: the reshape is a free bitcast and
+  each fusion computes the index of its own elements. Per-axis iotas summed
+  with strides let XLA's GPU compiler hoist the row term ``iota * stride``
+  into a ``u32[rows]`` kernel of its own, read by every hash of that shape.
+  Sharded, each device's fusion indexes its own slice (XLA's partitioner
+  offsets the iota); no collective is needed.
   """
-  index = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    if shape[axis] > 1:
-      iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
-      index = index + iota * np.uint32(stride)
-    stride *= shape[axis]
-  return index
+  return jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
 
 
 @partial(jax.jit, static_argnums=1)
