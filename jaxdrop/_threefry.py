@@ -121,8 +121,11 @@ def packed_keep16(
   """uint32[ceil(n / 32)]: bit ``L % 32`` of word ``L // 32`` is ``lane16[L] >= t``."""
   hashes_per_word = _WORD // LANES_16
   shape = (-(-n // _WORD), hashes_per_word)
+  # Hash g of word w has counter 8w + g (one reshaped iota, as in linear_index,
+  # which XLA cannot hoist into a GPU kernel and buffer of its own) and sets
+  # bits 4g .. 4g + 3.
+  counter = linear_index(shape)
   group = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
-  counter = jax.lax.broadcasted_iota(jnp.uint32, shape, 0) * np.uint32(hashes_per_word) + group
   hi, lo = threefry2x32(key_data[0], key_data[1], jnp.zeros((), jnp.uint32), counter)
   low16 = np.uint32(0xFFFF)
   lanes = (hi >> np.uint32(16), hi & low16, lo >> np.uint32(16), lo & low16)
