@@ -52,7 +52,8 @@ def threefry2x32(
   return _rounds(key_schedule(k0, k1), x0, x1)
 
 
-def _rounds(ks: tuple[jax.Array, ...], x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _rounds(ks: tuple[jax.Array, ...], x0: jax.Array, x1: jax.Array):
+  """The 20 rounds on counters ``(x0, x1)`` given the :func:`key_schedule` ``ks``."""
   x0 = x0 + ks[0]
   x1 = x1 + ks[1]
   for block in range(5):
@@ -72,8 +73,8 @@ def linear_index(shape: tuple[int, ...]) -> jax.Array:
   each fusion computes the index of its own elements. Per-axis iotas summed
   with strides let XLA's GPU compiler hoist the row term ``iota * stride``
   into a ``u32[rows]`` kernel of its own, read by every hash of that shape.
-  Sharded, each device's fusion indexes its own slice (XLA's partitioner
-  offsets the iota); no collective is needed.
+  Sharded, each device's fusion computes the indices of its own elements only
+  (XLA's partitioner offsets the iota); no collective is needed.
   """
   return jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
 
@@ -121,9 +122,9 @@ def packed_keep16(
   """uint32[ceil(n / 32)]: bit ``L % 32`` of word ``L // 32`` is ``lane16[L] >= t``."""
   hashes_per_word = _WORD // LANES_16
   shape = (-(-n // _WORD), hashes_per_word)
-  # Hash g of word w has counter 8w + g (one reshaped iota, as in linear_index,
-  # which XLA cannot hoist into a GPU kernel and buffer of its own) and sets
-  # bits 4g .. 4g + 3.
+  # Hash g of word w has counter 8w + g and sets bits 4g .. 4g + 3. The
+  # counters come from one reshaped iota, as in linear_index: XLA does not
+  # hoist them into a GPU kernel and buffer of their own.
   counter = linear_index(shape)
   group = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
   hi, lo = threefry2x32(key_data[0], key_data[1], jnp.zeros((), jnp.uint32), counter)
