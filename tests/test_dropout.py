@@ -577,21 +577,27 @@ def test_backward_keeps_only_the_key():
   assert traced - none <= 1024, (none, traced)
 
 
-def _barriers(jaxpr):
-  """Each barrier in ``jaxpr`` and its sub-jaxprs: an optimization_barrier's
-  operands as (shape, dtype) pairs, or "remat" for a checkpoint whose
-  lowering puts a barrier on all its inputs (``prevent_cse=True``)."""
-  found = []
+def _equations(jaxpr):
+  """Every equation of ``jaxpr`` and of its sub-jaxprs, depth first."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "optimization_barrier":
-      found.append([(v.aval.shape, v.aval.dtype) for v in eqn.invars])
-    if eqn.params.get("prevent_cse"):
-      found.append("remat")
+    yield eqn
     for param in eqn.params.values():
       for sub in param if isinstance(param, (tuple, list)) else [param]:
         sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
         if hasattr(sub, "eqns"):
-          found += _barriers(sub)
+          yield from _equations(sub)
+
+
+def _barriers(jaxpr):
+  """Each barrier in ``jaxpr``: an optimization_barrier's operands as (shape,
+  dtype) pairs, or "remat" for a checkpoint whose lowering puts a barrier on
+  all its inputs (``prevent_cse=True``)."""
+  found = []
+  for eqn in _equations(jaxpr):
+    if eqn.primitive.name == "optimization_barrier":
+      found.append([(v.aval.shape, v.aval.dtype) for v in eqn.invars])
+    if eqn.params.get("prevent_cse"):
+      found.append("remat")
   return found
 
 
@@ -618,6 +624,17 @@ def test_backward_barrier_holds_the_key_and_nothing_else(impl, bits, expected):
   x = jnp.ones((8, 16))
   loss = lambda x: jnp.sum(jnp.tanh(jaxdrop.dropout(key, x * 2, 0.5, bits=bits)))  # noqa: E731
   assert _barriers(jax.make_jaxpr(jax.grad(loss))(x).jaxpr) == expected
+
+
+def test_hash_counters_are_one_flat_iota_in_both_passes():
+  # Per-axis counters (iota(rows) * cols + iota(cols)) let XLA's GPU compiler
+  # hoist the row term into a kernel and buffer of its own (seen compiling
+  # for an H100). One flat iota, reshaped, leaves nothing to hoist.
+  key = jax.random.key(0)
+  loss = lambda x: jnp.sum(jnp.tanh(jaxdrop.dropout(key, x * 2, 0.5)))  # noqa: E731
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(jnp.ones((8, 4, 16)))
+  iotas = [e.outvars[0].aval.shape for e in _equations(jaxpr.jaxpr) if e.primitive.name == "iota"]
+  assert iotas == [(512,), (512,)]  # the forward's hash and the backward's
 
 
 def _named_mlp_loss(layer):
