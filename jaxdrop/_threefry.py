@@ -52,7 +52,9 @@ def threefry2x32(
   return _rounds(key_schedule(k0, k1), x0, x1)
 
 
-def _rounds(ks: tuple[jax.Array, ...], x0: jax.Array, x1: jax.Array):
+def _rounds(
+    ks: tuple[jax.Array, ...], x0: jax.Array, x1: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """The 20 rounds on counters ``(x0, x1)`` given the :func:`key_schedule` ``ks``."""
   x0 = x0 + ks[0]
   x1 = x1 + ks[1]
@@ -91,6 +93,11 @@ def bits32(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """
   if math.prod(shape) >= MAX_FUSED_SIZE:
     raise ValueError(f"shape={shape} has 2**32 or more elements")
+  if key_data.shape not in ((2,), (3,)):
+    raise ValueError(
+        f"key_data must be a threefry key's uint32[2] or its uint32[3] schedule, "
+        f"got shape {key_data.shape}"
+    )
   words = tuple(key_data[i] for i in range(key_data.shape[0]))
   ks = words if len(words) == 3 else key_schedule(*words)
   hi = jnp.zeros((), jnp.uint32)

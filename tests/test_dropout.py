@@ -52,6 +52,11 @@ def test_bits_equal_jax_random_bits(shape, make_key):
   np.testing.assert_array_equal(_threefry.bits32(schedule, shape), expected)
 
 
+def test_bits_refuse_key_data_of_another_length():
+  with pytest.raises(ValueError, match=r"uint32\[3\] schedule, got shape \(4,\)"):
+    _threefry.bits32(jnp.zeros(4, jnp.uint32), (5,))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2**31 - 1, 987654321])
 def test_keep_mask_is_threshold_of_jax_random_bits(seed, use_jit):
   key = jax.random.key(seed)
@@ -510,6 +515,22 @@ def test_vmap_over_keys_gives_each_example_its_own_mask():
   for i in range(5):
     np.testing.assert_array_equal(batched[i], jaxdrop.dropout(keys[i], x[i], 0.5))
   assert len({tuple(np.asarray(row != 0)) for row in batched}) > 1
+
+
+def _split_raw(key, n):
+  return jax.random.key_data(jax.random.split(key, n))
+
+
+@pytest.mark.parametrize("split", [jax.random.split, _split_raw], ids=["typed", "raw"])
+def test_vmap_of_grad_over_keys_recomputes_each_example_mask(split):
+  # The backward pass recomputes each example's mask from its batched key.
+  keys = split(jax.random.key(0), 5)
+  x = jnp.arange(1.0, 41.0).reshape(5, 8)
+  grad = jax.grad(lambda x, k: jnp.sum(jnp.sin(jaxdrop.dropout(k, x, 0.5))))
+  batched = jax.jit(jax.vmap(grad))(x, keys)
+  for i in range(5):
+    np.testing.assert_array_equal(batched[i], grad(x[i], keys[i]))
+    np.testing.assert_array_equal(batched[i] != 0, jaxdrop.dropout(keys[i], x[i], 0.5) != 0)
 
 
 def test_vmap_over_raw_keys_and_traced_rates():
