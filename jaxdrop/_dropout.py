@@ -409,9 +409,7 @@ class _MaskSpec(NamedTuple):
 
 def _keep(spec: _MaskSpec, key_data, resolved: _Threshold) -> jax.Array:
   if spec.bits == 16:
-    packed = _threefry.packed_keep16(
-        key_data, math.prod(spec.shape), resolved.threshold, resolved.keep_any
-    )
+    packed = _threefry.packed_keep16(key_data, spec.shape, resolved.threshold, resolved.keep_any)
     return _threefry.unpack(packed, spec.shape)
   bits = random_bits(key_data, spec.impl, spec.shape)
   return (bits >= resolved.threshold) & resolved.keep_any

@@ -123,25 +123,37 @@ LANES_16 = 4
 _WORD = 32
 
 
+def word_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape of a mask's packed words (row-major, the same words either way).
+
+  Rows of ``shape[-1] // 32`` words where a row holds whole words, so that a
+  sharded consumer packs only its own rows and columns; else one row of
+  ``ceil(n / 32)`` words.
+  """
+  if shape and shape[-1] % _WORD == 0:
+    return shape[:-1] + (shape[-1] // _WORD,)
+  return (-(-math.prod(shape) // _WORD),)
+
+
 def packed_keep16(
-    key_data: jax.Array, n: int, threshold: jax.Array, keep_any: jax.Array
+    key_data: jax.Array, shape: tuple[int, ...], threshold: jax.Array, keep_any: jax.Array
 ) -> jax.Array:
-  """uint32[ceil(n / 32)]: bit ``L % 32`` of word ``L // 32`` is ``lane16[L] >= t``."""
+  """uint32[word_shape(shape)]: bit ``L % 32`` of word ``L // 32`` is ``lane16[L] >= t``."""
   hashes_per_word = _WORD // LANES_16
-  shape = (-(-n // _WORD), hashes_per_word)
+  hashes = word_shape(shape) + (hashes_per_word,)
   # Hash g of word w has counter 8w + g and sets bits 4g .. 4g + 3. The
   # counters come from one reshaped iota, as in linear_index: XLA does not
   # hoist them into a GPU kernel and buffer of their own.
-  counter = linear_index(shape)
-  group = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
+  counter = linear_index(hashes)
+  group = jax.lax.broadcasted_iota(jnp.uint32, hashes, len(hashes) - 1)
   hi, lo = threefry2x32(key_data[0], key_data[1], jnp.zeros((), jnp.uint32), counter)
   low16 = np.uint32(0xFFFF)
   lanes = (hi >> np.uint32(16), hi & low16, lo >> np.uint32(16), lo & low16)
-  word = jnp.zeros(shape, jnp.uint32)
+  word = jnp.zeros(hashes, jnp.uint32)
   for lane, value in enumerate(lanes):
     keep = ((value >= threshold) & keep_any).astype(jnp.uint32)
     word = word | (keep << (group * np.uint32(LANES_16) + np.uint32(lane)))
-  return jax.lax.reduce(word, np.uint32(0), jax.lax.bitwise_or, (1,))
+  return jax.lax.reduce(word, np.uint32(0), jax.lax.bitwise_or, (len(hashes) - 1,))
 
 
 def unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -149,8 +161,8 @@ def unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   n = math.prod(shape)
   if n % _WORD == 0:
     # A reshape rather than a gather: the consumer reads one word per 32 outputs.
-    offset = jax.lax.broadcasted_iota(jnp.uint32, (n // _WORD, _WORD), 1)
-    return (((packed[:, None] >> offset) & np.uint32(1)) != 0).reshape(shape)
+    offset = jax.lax.broadcasted_iota(jnp.uint32, packed.shape + (_WORD,), packed.ndim)
+    return (((packed[..., None] >> offset) & np.uint32(1)) != 0).reshape(shape)
   index = linear_index(shape)
   word = packed[index >> np.uint32(5)]
   return ((word >> (index & np.uint32(31))) & np.uint32(1)) != 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,10 @@ from conftest import reference_keep16 as reference_keep
 # test_export.py; the modules: the Dropout_bits16 row of conftest.MODULES.
 
 
-@pytest.mark.parametrize("shape", [(1,), (7,), (64,), (3, 33), (128, 5), (0,), ()], ids=str)
+# (3, 64) and (2, 3, 96) hold whole words per row: their words are packed in rows.
+@pytest.mark.parametrize(
+    "shape", [(1,), (7,), (64,), (3, 33), (128, 5), (3, 64), (2, 3, 96), (3, 0), (0,), ()], ids=str
+)
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
 def test_mask_is_the_documented_mapping_of_uint64_bits(shape, rate):
   key = jax.random.key(3)
@@ -58,11 +63,12 @@ def test_keep_fraction_within_binomial_bound(rate):
   assert_binomial_fraction(kept, n, p_keep(rate, 16))
 
 
-def test_gradient_recomputes_the_mask():
+@pytest.mark.parametrize("shape", [(64,), (4, 64)], ids=str)
+def test_gradient_recomputes_the_mask(shape):
   key = jax.random.key(9)
-  x = jnp.arange(1.0, 65.0)
+  x = jnp.arange(1.0, 1.0 + math.prod(shape)).reshape(shape)
   grad = jax.jit(jax.grad(lambda x: jnp.sum(jaxdrop.dropout(key, x, 0.5, bits=16))))(x)
-  np.testing.assert_array_equal(grad, jnp.where(reference_keep(key, (64,), 0.5), 2.0, 0.0))
+  np.testing.assert_array_equal(grad, jnp.where(reference_keep(key, shape, 0.5), 2.0, 0.0))
 
 
 def test_bf16_stays_bf16():

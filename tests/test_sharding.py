@@ -28,10 +28,18 @@ functions = {
     "linen": lambda k, x: jaxdrop.linen.Dropout(0.3).apply({}, x, deterministic=False, rng=k),
     "bits16": lambda k, x: jaxdrop.dropout(k, x, 0.3, bits=16),
 }
+runs = [(fname, fn, x, cases) for fname, fn in functions.items()]
+# Two more fast-mode runs. 120 elements: the last 32-element word is partial.
+odd = x[:12, :10]
+runs.append(("bits16_partial_word", functions["bits16"], odd, {k: cases[k] for k in ("rows", "both")}))
+# Rows of whole words, and so each device's columns: packed in rows, sharded like x.
+wide = jax.random.normal(jax.random.key(1), (16, 256)) + 3.0
+runs.append(("bits16_whole_words", functions["bits16"], wide, cases))
 # Not the broadcast mask (smaller than x: a device needs its columns' entries
-# whatever its rows) nor the fast mode (its packed words span whole rows, so
-# a device with a slice of the columns hashes all of its rows' words).
-HASHES_ITS_OWN_ELEMENTS = ("dropout", "traced_rate", "grad", "linen")
+# whatever its rows), nor the fast mode where rows do not hold whole words (its
+# words then span rows, and a device with a slice of the columns hashes all of
+# its rows' words).
+HASHES_ITS_OWN_ELEMENTS = ("dropout", "traced_rate", "grad", "linen", "bits16_whole_words")
 
 
 def flops(compiled):
@@ -39,10 +47,6 @@ def flops(compiled):
   return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
-runs = [(fname, fn, x, cases) for fname, fn in functions.items()]
-# 120 elements: the fast mode's last 32-element word is partial.
-odd = x[:12, :10]
-runs.append(("bits16_partial_word", functions["bits16"], odd, {k: cases[k] for k in ("rows", "both")}))
 for fname, fn, x, cases in runs:
   f = jax.jit(fn)
   expected = np.asarray(f(key, x))
@@ -65,4 +69,4 @@ for fname, fn, x, cases in runs:
 
 def test_sharded_equals_unsharded_without_collectives():
   out = run_with_devices(CODE)
-  assert out.count("ok") == 6 * 3 + 2, out
+  assert out.count("ok") == 6 * 3 + 2 + 3, out
