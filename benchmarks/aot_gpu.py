@@ -146,14 +146,17 @@ def step_cost(model: nn.Module, batch, loss_of) -> tuple[float, int]:
 
 
 def mlp_table() -> None:
-  cfg = bench.Config(mlp_inputs=4096, mlp_widths=(4096,) * 3, mlp_batch=8192, train_rate=RATE)
+  # gpu_rows: the Pallas kernel's rows too, as bench.py adds them on a GPU.
+  cfg = bench.Config(mlp_inputs=4096, mlp_widths=(4096,) * 3, mlp_batch=8192, train_rate=RATE,
+                     gpu_rows=True)
   for title, cfg in (
       ("(1) MLP step, 3 x Dense 4096, batch 8192", cfg),
-      ("(1b) MLP step, 784-1024-1024-10, batch 256 (bench.py's default)", bench.Config()),
+      ("(1b) MLP step, 784-1024-1024-10, batch 256 (bench.py's default)",
+       bench.Config(gpu_rows=True)),
   ):
     print(f"{title}, float32, Adam, donated: temp memory, kernels")
     batch = (jnp.zeros((cfg.mlp_batch, cfg.mlp_inputs)), jnp.zeros((cfg.mlp_batch,), jnp.int32))
-    for name, model in bench.train_models(cfg, gpu=True).items():
+    for name, model in bench.train_models(cfg).items():
       report(name, functools.partial(step_cost, model, batch, bench.classification_loss))
 
 
@@ -222,13 +225,13 @@ def _attention_rows() -> None:
 
 
 def block_table() -> None:
-  cfg = bench.Config(block_shape=(16, 1024, 1024, 16), train_rate=RATE)
+  cfg = bench.Config(block_shape=(16, 1024, 1024, 16), train_rate=RATE, gpu_rows=True)
   print(f"\n(5) bf16 transformer train step, B T D N = {cfg.block_shape}, dropout {RATE}: "
         "temp memory, kernels")
   batch_size, seq, width, _ = cfg.block_shape
   batch = (jnp.zeros((batch_size, seq, width), jnp.bfloat16),
            jnp.zeros((batch_size, seq, width), jnp.float32))
-  for name, model in bench.block_models(cfg, gpu=True).items():
+  for name, model in bench.block_models(cfg).items():
     report(name, functools.partial(step_cost, model, batch, bench.regression_loss))
 
 

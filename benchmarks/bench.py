@@ -16,7 +16,8 @@ a rotating position) and the median of the repeats is reported:
 
 Usage (from the repository root):
   python benchmarks/bench.py                          # CPU, a few minutes
-  python benchmarks/bench.py --quick                  # smoke run, seconds
+  python benchmarks/bench.py --quick                  # a short run, seconds
+  python benchmarks/bench.py --smoke                  # a GPU run's rows at toy shapes
   python benchmarks/bench.py --platform gpu --json gpu.json
 
 equinox and dm-haiku (``pip install -e .[bench]``) are optional: their rows
@@ -102,11 +103,20 @@ class Config:
   train_repeats: int = 15
   train_min_sample_s: float = 0.1
   fast: bool = True  # also time the fast mode (bits=16).
+  # With the fast mode, also time it as one Pallas kernel (a GPU prototype), and
+  # hold the GPU targets. None: on a GPU backend. --smoke turns both on, with the
+  # kernel in the Pallas interpreter, so that the device call's code runs on CPU.
+  gpu_rows: bool | None = None
+  interpret: bool = False  # run the Pallas kernel in the interpreter (any backend)
   json: str | None = None  # also write the results here.
 
 
 QUICK = dict(log2_sizes=(20,), rates=(0.5,), repeats=3, train_repeats=3,
              train_min_sample_s=0.02)
+# Every row of a GPU run, at toy shapes, on any backend: a test that the script runs.
+SMOKE = dict(log2_sizes=(10,), rates=(0.1,), repeats=2, min_sample_s=1e-4, mlp_inputs=32,
+             mlp_widths=(64, 64), mlp_batch=8, block_shape=(2, 8, 32, 2), train_repeats=2,
+             train_min_sample_s=1e-4, gpu_rows=True, interpret=True)
 
 
 # ----------------------------------------------------------------------------
@@ -117,7 +127,25 @@ def _linen(module: nn.Module) -> Callable:
   return lambda key, x: module.apply({}, x, rngs={"dropout": key})
 
 
-def variants(rate: float, fast: bool, gpu: bool = False) -> dict[str, Callable]:
+def gpu_rows(cfg: Config) -> bool:
+  """Whether the run adds the Pallas kernel's rows and holds the GPU targets."""
+  return jax.default_backend() == "gpu" if cfg.gpu_rows is None else cfg.gpu_rows
+
+
+class PallasFastDropout(nn.Module):
+  """The fast mode as one Pallas kernel (``jaxdrop._pallas_dropout``) in a linen Dropout's place."""
+
+  rate: float
+  deterministic: bool = False
+  interpret: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return _pallas_dropout.dropout16(self.make_rng("dropout") if not self.deterministic else None,
+                                     x, self.rate, self.deterministic, interpret=self.interpret)
+
+
+def variants(rate: float, cfg: Config) -> dict[str, Callable]:
   fns = {
       FLOOR: lambda key, x: x * 2.0,
       "jaxdrop.dropout": lambda key, x: jaxdrop.dropout(key, x, rate),
@@ -131,10 +159,11 @@ def variants(rate: float, fast: bool, gpu: bool = False) -> dict[str, Callable]:
     fns["equinox.nn.Dropout"] = lambda key, x: eqx.nn.Dropout(rate)(x, key=key, inference=False)
   if hk is not None:
     fns["haiku.dropout"] = lambda key, x: hk.dropout(key, rate, x)
-  if not fast:
+  if not cfg.fast:
     del fns[FAST]
-  elif gpu:  # The fast mode as one Pallas (Triton) kernel: a prototype to measure.
-    fns[PALLAS_FAST] = lambda key, x: _pallas_dropout.dropout16(key, x, rate)
+  elif gpu_rows(cfg):  # The fast mode as one Pallas (Triton) kernel: a prototype to measure.
+    fns[PALLAS_FAST] = lambda key, x: _pallas_dropout.dropout16(key, x, rate,
+                                                                interpret=cfg.interpret)
   return fns
 
 
@@ -181,7 +210,7 @@ def bench_elementwise(
       x = jax.random.normal(jax.random.key(1), (n,), jnp.float32).astype(dtype)
       w = jax.random.normal(jax.random.key(2), (n,), jnp.float32).astype(dtype)
       for rate in cfg.rates:
-        fns = variants(rate, cfg.fast, jax.default_backend() == "gpu")
+        fns = variants(rate, cfg)
         for mode, wrap, args in (
             ("fwd", lambda f: f, (key, x)),
             ("fwd+bwd", forward_backward, (key, x, w)),
@@ -220,18 +249,16 @@ def print_elementwise(records: list[dict]) -> None:
 # The MLP train step: memory and time.
 
 
-def _drop(module: nn.Module, dropout, rate: float, x: jax.Array, train: bool) -> jax.Array:
-  """``x`` through ``dropout`` (a linen Dropout class, PALLAS_FAST, or None) inside ``module``."""
+def _drop(dropout, rate: float, x: jax.Array, train: bool) -> jax.Array:
+  """``x`` through ``dropout`` (a linen Dropout class, or None) in the calling module."""
   if dropout is None or not train:
     return x
-  if dropout == PALLAS_FAST:
-    return _pallas_dropout.dropout16(module.make_rng("dropout"), x, rate)
   return dropout(rate, deterministic=False)(x)
 
 
 class MLP(nn.Module):
-  # A linen Dropout class, RELU_DROPOUT (jaxdrop.relu_dropout in place of relu
-  # and dropout), PALLAS_FAST (relu, then the Pallas fast-mode kernel), or None.
+  # A linen Dropout class (PallasFastDropout among them), RELU_DROPOUT
+  # (jaxdrop.relu_dropout in place of relu and dropout), or None.
   dropout: Callable[..., nn.Module] | str | None
   rate: float = 0.1
   widths: tuple[int, ...] = (1024, 1024)
@@ -247,7 +274,7 @@ class MLP(nn.Module):
         x = jaxdrop.relu_dropout(self.make_rng("dropout") if train else None, h, self.rate,
                                  deterministic=not train)
       else:
-        x = _drop(self, self.dropout, self.rate, nn.relu(h), train)
+        x = _drop(self.dropout, self.rate, nn.relu(h), train)
     return nn.Dense(10)(x)
 
 
@@ -260,8 +287,8 @@ class Block(nn.Module):
 
   heads: int
   rate: float = 0.1
-  # The elementwise dropout: a linen Dropout class, PALLAS_FAST, or None.
-  dropout: Callable[..., nn.Module] | str | None = nn.Dropout
+  # The elementwise dropout: a linen Dropout class, or None.
+  dropout: Callable[..., nn.Module] | None = nn.Dropout
   attention_fn: Callable[..., jax.Array] = nn.dot_product_attention
   attention_dropout: bool = False  # also drop attention weights, one mask per example and head
   hidden_dropout: bool = True  # also drop the MLP's hidden activation
@@ -270,7 +297,7 @@ class Block(nn.Module):
   dtype: Any = None  # the computation dtype; parameters stay float32
 
   def _drop(self, x: jax.Array, train: bool) -> jax.Array:
-    return _drop(self, self.dropout, self.rate, x, train)
+    return _drop(self.dropout, self.rate, x, train)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -290,12 +317,8 @@ class Block(nn.Module):
     return x
 
 
-def _on_gpu(gpu: bool | None) -> bool:
-  return jax.default_backend() == "gpu" if gpu is None else gpu
-
-
-def train_models(cfg: Config, gpu: bool | None = None) -> dict[str, nn.Module]:
-  """The MLP step's variants; ``gpu`` (default: the backend's) adds the Pallas kernel's."""
+def train_models(cfg: Config) -> dict[str, nn.Module]:
+  """The MLP step's variants; ``gpu_rows(cfg)`` adds the Pallas kernel's."""
   mlp = functools.partial(MLP, rate=cfg.train_rate, widths=cfg.mlp_widths)
   models = {
       "no dropout": mlp(None),
@@ -305,8 +328,8 @@ def train_models(cfg: Config, gpu: bool | None = None) -> dict[str, nn.Module]:
   if cfg.fast:
     models[FAST_LINEN] = mlp(functools.partial(jaxdrop.linen.Dropout, bits=16))
   models[RELU_DROPOUT] = mlp(RELU_DROPOUT)
-  if cfg.fast and _on_gpu(gpu):
-    models[PALLAS_FAST] = mlp(PALLAS_FAST)
+  if cfg.fast and gpu_rows(cfg):
+    models[PALLAS_FAST] = mlp(functools.partial(PallasFastDropout, interpret=cfg.interpret))
   # Recomputing the dropout outputs under jax.checkpoint (docs/semantics.md).
   policy = jax.checkpoint_policies.save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
   models[REMAT] = mlp(jaxdrop.linen.Dropout, remat_policy=policy)
@@ -367,7 +390,7 @@ def bench_block_step(cfg: Config) -> dict:
   return bench_steps(cfg, block_models(cfg), batch, regression_loss, title)
 
 
-def block_models(cfg: Config, gpu: bool | None = None) -> dict[str, nn.Module]:
+def block_models(cfg: Config) -> dict[str, nn.Module]:
   """The transformer step's variants: 2 bf16 blocks, ``cfg.block_shape``'s heads."""
   block = functools.partial(Block, cfg.block_shape[3], cfg.train_rate, depth=2,
                             dtype=jnp.bfloat16)
@@ -376,8 +399,9 @@ def block_models(cfg: Config, gpu: bool | None = None) -> dict[str, nn.Module]:
             FLAX: block(dropout=nn.Dropout)}
   if cfg.fast:
     models[FAST_LINEN] = block(dropout=functools.partial(jaxdrop.linen.Dropout, bits=16))
-    if _on_gpu(gpu):
-      models[PALLAS_FAST] = block(dropout=PALLAS_FAST)
+    if gpu_rows(cfg):
+      models[PALLAS_FAST] = block(
+          dropout=functools.partial(PallasFastDropout, interpret=cfg.interpret))
   return models
 
 
@@ -487,10 +511,34 @@ def check_targets(cfg: Config, records: list[dict], train: dict, gpu: bool) -> l
     add(f"{linen}, MLP step temp bytes added <= 1024", extra, 1024, True)
     ratio = train["time"][linen]["x_no_dropout"]
     add(f"{linen}, MLP step time: x no dropout <= 1.05", ratio, 1.05, True)
+  if gpu:
+    issue10_targets(cfg, by, log2, train, add)
   print("\nTargets" + (" (GPU bounds)" if gpu else " (CPU bounds)"))
   for t in targets:
     print(f"  {'met    ' if t['met'] else 'NOT MET'}  {t['target']}: {t['value']:.3g}")
   return targets
+
+
+def issue10_targets(cfg: Config, by: dict, log2: int, train: dict, add: Callable) -> None:
+  """Issue 10's GPU targets: flax's time and step memory as bounds, the floor for the fast mode."""
+  at = f"2^{log2}"
+  for rate in cfg.rates:
+    for dtype, mode in (("float32", "fwd+bwd"), ("float32", "fwd"), ("bfloat16", "fwd")):
+      if dtype in cfg.dtypes:
+        add(f"issue 10, jaxdrop.dropout, {mode} {dtype} {at} rate {rate}: speedup vs flax >= 1",
+            by["jaxdrop.dropout", dtype, rate, mode]["speedup_vs_flax"], 1.0, False)
+    for name in (FAST, PALLAS_FAST):
+      for dtype in ("bfloat16", "float32"):
+        if (name, dtype, rate, "fwd") in by:
+          add(f"issue 10, {name}, fwd {dtype} {at} rate {rate}: x floor <= 1.1",
+              by[name, dtype, rate, "fwd"]["x_floor"], 1.1, True)
+  memory, times = train["memory"], train["time"]
+  add("issue 10, jaxdrop.linen.Dropout, MLP step temp bytes: x flax <= 1",
+      memory["jaxdrop.linen.Dropout"]["temp_bytes"] / memory[FLAX]["temp_bytes"], 1.0, True)
+  add(f"issue 10, {REMAT}, MLP step temp bytes: x no dropout <= 1.02",
+      memory[REMAT]["temp_bytes"] / memory["no dropout"]["temp_bytes"], 1.02, True)
+  add(f"issue 10, {REMAT}, MLP step time: x no dropout <= 1.03",
+      times[REMAT]["x_no_dropout"], 1.03, True)
 
 
 def _version(dist: str) -> str | None:
@@ -542,7 +590,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
   defaults = Config()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--platform", default=defaults.platform, help="cpu or gpu")
-  parser.add_argument("--quick", action="store_true", help="a smoke run: 2^20, rate 0.5")
+  parser.add_argument("--quick", action="store_true", help="a short run: 2^20, rate 0.5")
+  parser.add_argument("--smoke", action="store_true",
+                      help="every row of a GPU run at toy shapes, on any backend, the Pallas "
+                      "kernel in its interpreter (what the tests run; the times mean nothing)")
   parser.add_argument("--log2-sizes", type=int, nargs="+")
   parser.add_argument("--dtypes", nargs="+")
   parser.add_argument("--rates", type=float, nargs="+")
@@ -555,7 +606,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
                       help="the transformer step's batch, sequence, width and heads")
   parser.add_argument("--json", default=None, help="write the results to this path")
   args = parser.parse_args(argv)
-  cfg = dataclasses.replace(defaults, **QUICK) if args.quick else defaults
+  if args.quick and args.smoke:
+    parser.error("--quick and --smoke are two different runs; pass one")
+  preset = SMOKE if args.smoke else QUICK if args.quick else {}
+  cfg = dataclasses.replace(defaults, **preset)
   overrides = dict(platform=args.platform, json=args.json,
                    fast=cfg.fast and not args.no_fast)
   for field in ("log2_sizes", "dtypes", "rates", "repeats", "mlp_inputs", "mlp_widths",
@@ -577,7 +631,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"flax {meta['versions']['flax']}")
   if meta["skipped"]:
     print(f"skipped (not installed): {', '.join(meta['skipped'])}")
-  gpu = meta["backend"] == "gpu"
+  gpu = gpu_rows(cfg)
   min_sample_s = cfg.min_sample_s or (0.02 if meta["backend"] == "cpu" else 0.01)
   start = time.perf_counter()
   results = dict(meta=meta, config=dataclasses.asdict(cfg), elementwise=[])

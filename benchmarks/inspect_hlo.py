@@ -75,7 +75,7 @@ def main() -> None:
     (out / f"train_step_{slug}.hlo.txt").write_text(f"// {stats}\n" + compiled.as_text())
 
   x = jnp.ones(2**24, jnp.float32)
-  variants = bench.variants(0.1, fast=True)
+  variants = bench.variants(0.1, cfg)
   variants["bits=16 unpacked, (n/4, 4) out"] = (
       lambda k, x: unpacked_dropout(k, x, 0.1, lanes_axis=True))
   variants["bits=16 unpacked, reshaped"] = lambda k, x: unpacked_dropout(k, x, 0.1)

@@ -1,0 +1,42 @@
+"""bench.py's GPU run, every row of it, at toy shapes on CPU (--smoke).
+
+The device call times issue 10 with ``bench.py --platform gpu``. Its Pallas
+kernel rows and GPU targets run nowhere else, so this runs them here, the
+kernel in the Pallas interpreter, as gpu_attention_check.py's smoke test does
+for the attention half. The times of a smoke run mean nothing; only that every
+row and target is there.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+PALLAS = "pallas kernel bits=16"
+
+
+def test_smoke_run_has_every_gpu_row_and_target(tmp_path):
+  out = tmp_path / "smoke.json"
+  done = subprocess.run(
+      [sys.executable, str(SCRIPT), "--smoke", "--json", str(out)],
+      capture_output=True, text=True, timeout=240, check=False,
+  )
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  results = json.loads(out.read_text())
+
+  rows = {(r["variant"], r["dtype"], r["mode"]) for r in results["elementwise"]}
+  for dtype in ("float32", "bfloat16"):
+    for mode in ("fwd", "fwd+bwd"):
+      assert (PALLAS, dtype, mode) in rows
+  for step in ("train_step", "block_step"):
+    assert PALLAS in results[step]["memory"] and PALLAS in results[step]["time"]
+
+  targets = [t["target"] for t in results["targets"]]
+  issue10 = [t for t in targets if t.startswith("issue 10, ")]
+  # Three against flax, two floors for each fast mode in two dtypes, three of the step.
+  assert len(issue10) == 3 + 2 * 2 + 3, issue10
+  assert any(PALLAS in t for t in issue10)
+  assert any("remat policy, MLP step temp bytes" in t for t in issue10)
