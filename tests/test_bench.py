@@ -1,10 +1,10 @@
-"""bench.py's GPU run, every row of it, at toy shapes on CPU (--smoke).
+"""The device call's issue 10 half (gpu_session.sh) runs on CPU: gpu_check.py and bench.py.
 
-The device call times issue 10 with ``bench.py --platform gpu``. Its Pallas
-kernel rows and GPU targets run nowhere else, so this runs them here, the
-kernel in the Pallas interpreter, as gpu_attention_check.py's smoke test does
-for the attention half. The times of a smoke run mean nothing; only that every
-row and target is there.
+``bench.py --platform gpu`` has Pallas kernel rows and GPU targets that run
+nowhere else, so ``--smoke`` runs them here at toy shapes, the kernel in the
+Pallas interpreter, as gpu_attention_check.py's smoke test does for the
+attention half. The times of a smoke run mean nothing; only that every row and
+target is there.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 PALLAS = "pallas kernel bits=16"
 
 
 def test_smoke_run_has_every_gpu_row_and_target(tmp_path):
   out = tmp_path / "smoke.json"
   done = subprocess.run(
-      [sys.executable, str(SCRIPT), "--smoke", "--json", str(out)],
+      [sys.executable, str(BENCHMARKS / "bench.py"), "--smoke", "--json", str(out)],
       capture_output=True, text=True, timeout=240, check=False,
   )
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -40,3 +40,11 @@ def test_smoke_run_has_every_gpu_row_and_target(tmp_path):
   assert len(issue10) == 3 + 2 * 2 + 3, issue10
   assert any(PALLAS in t for t in issue10)
   assert any("remat policy, MLP step temp bytes" in t for t in issue10)
+
+
+def test_gpu_check_passes_on_cpu():
+  done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py")],
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert done.stdout.count("bits identical to jax.random.bits") == 5
+  assert "gradient mask matches the forward mask" in done.stdout
