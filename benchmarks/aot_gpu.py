@@ -213,6 +213,8 @@ def _attention_rows() -> None:
       "causal T=S=4096": dict(seq=4096, causal=True),
       "T=S=8192": dict(seq=8192),
       "H 128": dict(head_dim=128),
+      "H 96 (zero-padded to 128)": dict(head_dim=96),
+      "H 256": dict(head_dim=256),
       "float16": dict(dtype=jnp.float16),
       "float32": dict(dtype=jnp.float32),
       "GQA 16/4 heads": dict(kv_heads=4),

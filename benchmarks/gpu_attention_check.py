@@ -226,11 +226,14 @@ def check_mask_bits(settings) -> None:
 def check_small(settings) -> None:
   batch, rows, cols, heads, kv_heads = settings.small
   head_dims = (64, 128) if not settings.interpret else (16,)
+  padded = 96 if not settings.interpret else 24  # zero-padded to a power of two
   cases = [
       ("bf16 causal GQA padding-mask dropout", jnp.bfloat16, True, 0.1, head_dims[0], False),
       (f"f32 (HIGHEST) bias+mask dropout H={head_dims[-1]}", jnp.float32, False, 0.2,
        head_dims[-1], True),
       ("f16 no dropout causal", jnp.float16, True, 0.0, head_dims[-1], False),
+      (f"bf16 padding-mask dropout H={padded} (padded)", jnp.bfloat16, False, 0.1, padded,
+       False),
   ]
   for name, dtype, causal, rate, head_dim, with_bias in cases:
     with item(f"(b) small: {name}"):

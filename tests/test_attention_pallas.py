@@ -130,6 +130,10 @@ CASES = {
     "causal_no_dropout_h64": dict(
         shape=(1, 40, 24, 2, 1, 64), causal=True, rate=0.0, shared=False,
         bias=None, mask=None, blocks=BLOCKS),
+    # Head dim 24, zero-padded to 32 for the kernels and sliced back, with dropout.
+    "h24_padded_dropout": dict(
+        shape=(1, 24, 40, 2, 1, 24), causal=False, rate=0.2, shared=False,
+        bias=(1, 2, 24, 40), mask=None, blocks=BLOCKS),
 }
 
 
@@ -304,9 +308,15 @@ def _struct(shape, dtype=jnp.float32):
 CONFIG = base.Config(scale=1.0, is_causal=False, dropout_heads=(1, 1), fixed_rate=0.1)
 
 
+@pytest.mark.parametrize("head_dim, padded", [(1, 16), (16, 16), (17, 32), (24, 32), (96, 128),
+                                             (128, 128), (129, 256), (256, 256)])
+def test_head_dim_is_padded_to_a_power_of_two_of_at_least_16(head_dim, padded):
+  assert pt.padded_head_dim(head_dim) == padded
+
+
 def test_unsupported_reason_accepts_the_covered_cases():
   for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
-    for head_dim in (64, 128):
+    for head_dim in (1, 24, 64, 96, 128, 256):
       q = _struct((2, 100, 8, head_dim), dtype)
       kv = _struct((2, 60, 2, head_dim), dtype)
       bias = _struct((1, 8, 100, 60), dtype)
@@ -319,8 +329,7 @@ def test_unsupported_reason_accepts_the_covered_cases():
     [
         ((1, 8, 2, 64), jnp.float32, "cpu", "platform='cpu'"),
         ((1, 8, 2, 64), jnp.float32, "tpu", "platform='tpu'"),
-        ((1, 8, 2, 48), jnp.float32, "gpu", "H=48"),
-        ((1, 8, 2, 8), jnp.float32, "gpu", "H=8"),
+        ((1, 8, 2, 257), jnp.float32, "gpu", "H=257"),
         ((1, 8, 2, 512), jnp.float32, "gpu", "H=512"),
         ((1, 8, 2, 64), jnp.int32, "gpu", "query.dtype=int32"),
     ],
@@ -333,8 +342,8 @@ def test_unsupported_reason_names_the_argument(q_shape, dtype, platform, words):
 
 
 def test_attention_raises_for_unsupported_and_bad_options():
-  q = jnp.zeros((1, 8, 2, 48))
-  with pytest.raises(ValueError, match="H=48"):
+  q = jnp.zeros((1, 8, 2, 512))
+  with pytest.raises(ValueError, match="H=512"):
     pt.attention(q, q, q, None, None, KEY_DATA, None, CONFIG, interpret=True)
   q = jnp.zeros((1, 8, 2, 16))
   with pytest.raises(ValueError, match=r"blocks.k_dq=24"):

@@ -28,6 +28,7 @@ def test_smoke_run_passes_its_checks_and_records_the_table(tmp_path):
   names = " ".join(c["name"] for c in results["checks"])
   assert "(a) mask bits == attention_keep_mask, shared=False" in names
   assert "(b) small: bf16 causal GQA padding-mask dropout" in names
+  assert "(b) small: bf16 padding-mask dropout H=24 (padded)" in names
   assert "(b) benchmark shape: pallas == xla, rate=0.1" in names
   labels = {(t["label"], t["rate"], t["mode"]) for t in results["timings"]}
   assert ("jaxdrop pallas", 0.1, "fwd+bwd") in labels

@@ -38,9 +38,11 @@ the forward and dq kernels stop at the last key block a query block can see,
 and the dk/dv kernel starts at the first query block that can see its keys.
 
 ``T`` and ``S`` are padded (in XLA) to multiples of the blocks; padded keys
-are masked out and padded query rows are sliced off. Scores are kept in base 2
-(``exp2``), so the saved log-sum-exp is ``log2``-based; only these kernels read
-it.
+are masked out and padded query rows are sliced off. ``H`` is zero-padded to a
+power of two of at least 16 (Triton's tiles): zero columns add nothing to a
+score and are sliced off the output, so ``H = 96`` costs what 128 does, plus
+the padded copies. Scores are kept in base 2 (``exp2``), so the saved
+log-sum-exp is ``log2``-based; only these kernels read it.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ _U32 = jnp.uint32
 _LOG2E = math.log2(math.e)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _MIN_BLOCK = 16  # Triton's dot needs 16 rows and columns.
+_MAX_HEAD_DIM = 256  # The forward keeps a (bq, H) float32 accumulator in registers.
 # Named TritonCompilerParams in older jax releases.
 _COMPILER_PARAMS = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 
@@ -634,10 +637,10 @@ def _operand_reason(q, k, v, bias, mask, config: base.Config) -> str | None:
         f"query.dtype={dtype}"
     )
   head_dim = q.shape[-1]
-  if head_dim < _MIN_BLOCK or head_dim > 256 or head_dim & (head_dim - 1):
+  if not 1 <= head_dim <= _MAX_HEAD_DIM:
     return (
-        f"implementation='pallas' needs a head dimension H that is a power of two in "
-        f"[16, 256], got H={head_dim} (query.shape={tuple(q.shape)})"
+        f"implementation='pallas' needs a head dimension H in [1, {_MAX_HEAD_DIM}], got "
+        f"H={head_dim} (query.shape={tuple(q.shape)})"
     )
   if q.shape[1] == 0 or k.shape[1] == 0:
     return f"implementation='pallas' needs T, S >= 1, got T={q.shape[1]}, S={k.shape[1]}"
@@ -647,6 +650,11 @@ def _operand_reason(q, k, v, bias, mask, config: base.Config) -> str | None:
         f"bias.dtype={jnp.dtype(bias.dtype)}"
     )
   return None
+
+
+def padded_head_dim(head_dim: int) -> int:
+  """The head dimension the kernels run at: the next power of two, at least 16."""
+  return max(_MIN_BLOCK, 1 << (head_dim - 1).bit_length())
 
 
 class Prepared(NamedTuple):
@@ -676,19 +684,20 @@ def prepare(
     raise ValueError(reason)
   rows, heads, head_dim = q.shape[1:]
   cols, kv_heads = k.shape[1], k.shape[2]
+  head_dim_p = padded_head_dim(head_dim)
   blocks = _check_blocks(BlockSizes() if blocks is None else blocks).shrunk(rows, cols)
   rows_p = -(-rows // blocks.row_multiple) * blocks.row_multiple
   cols_p = -(-cols // blocks.col_multiple) * blocks.col_multiple
   st = _Static(
       rows=rows, cols=cols, rows_p=rows_p, cols_p=cols_p, heads=heads, kv_heads=kv_heads,
-      head_dim=head_dim, blocks=blocks, scale=float(config.scale), causal=config.is_causal,
+      head_dim=head_dim_p, blocks=blocks, scale=float(config.scale), causal=config.is_causal,
       dropout=config.dropout, shared_keys=tuple(config.dropout_heads) == (1, 1),
       bias=_dims(bias), mask=_dims(mask), precision=config.precision,
       interpret=bool(interpret),
   )
-  q = base.pad_axis(q, 1, rows_p)
-  k = base.pad_axis(k, 1, cols_p)
-  v = base.pad_axis(v, 1, cols_p)
+  q = base.pad_axis(base.pad_axis(q, 1, rows_p), 3, head_dim_p)
+  k = base.pad_axis(base.pad_axis(k, 1, cols_p), 3, head_dim_p)
+  v = base.pad_axis(base.pad_axis(v, 1, cols_p), 3, head_dim_p)
   if bias is not None:
     bias = base.pad_unless_broadcast(base.pad_unless_broadcast(bias, 2, rows_p), 3, cols_p)
   if mask is not None:
@@ -732,4 +741,4 @@ def attention(
   """
   prepared = prepare(q, k, v, bias, mask, key_data, rate, config, blocks, interpret)
   out = _attention(prepared.st, *prepared.operands)
-  return out[:, : q.shape[1]]
+  return out[:, : q.shape[1], :, : q.shape[3]]
