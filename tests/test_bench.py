@@ -14,6 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 PALLAS = "pallas kernel bits=16"
 
@@ -48,3 +51,24 @@ def test_gpu_check_passes_on_cpu():
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   assert done.stdout.count("bits identical to jax.random.bits") == 5
   assert "gradient mask matches the forward mask" in done.stdout
+
+
+@pytest.fixture
+def bench():
+  sys.path.insert(0, str(BENCHMARKS))
+  try:
+    import bench as module  # benchmarks/ is a folder of scripts, not a package
+  finally:
+    sys.path.remove(str(BENCHMARKS))
+  return module
+
+
+@pytest.mark.parametrize("backend, expected", [("gpu", True), ("cpu", False)])
+def test_gpu_rows_follow_the_backend_unless_set(bench, monkeypatch, backend, expected):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  cfg = bench.Config()
+  assert bench.gpu_rows(cfg) is expected
+  for rows in (bench.variants(0.1, cfg), bench.train_models(cfg), bench.block_models(cfg)):
+    assert (PALLAS in rows) is expected
+  for forced in (True, False):
+    assert bench.gpu_rows(bench.Config(gpu_rows=forced)) is forced

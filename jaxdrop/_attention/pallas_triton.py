@@ -672,7 +672,8 @@ def prepare(
 
   ``_forward(p.st, *p.operands)`` runs the forward kernel alone, and
   ``_backward(p.st, (*p.operands, out, lse), d_out)`` the backward ones, as
-  ``benchmarks/gpu_attention_check.py`` times them.
+  ``benchmarks/gpu_attention_check.py`` times them. Both work at the padded
+  sizes: ``d_out`` is ``[B, p.st.rows_p, N, p.st.head_dim]``, zero-padded.
 
   Raises:
     ValueError: as :func:`attention`.
