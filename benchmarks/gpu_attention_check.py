@@ -389,8 +389,9 @@ def kernel_profile(settings) -> None:
 
   The rate-0.1 / rate-0 ratio of a kernel is what its mask (hash and select)
   costs; TFLOP/s counts the kernel's own matmuls, recomputation included:
-  forward 4, dq 6, dk/dv 8 times B N T S H (H as padded for the kernels). It runs whatever the budget,
-  before the optional sections: a missed target needs it.
+  forward 4, dq 6, dk/dv 8 times B N T S H (H as padded for the kernels). It
+  runs whatever the budget, before the optional sections: a missed target
+  needs it.
   """
   b, t, n, h = settings.batch, settings.seq, settings.heads, settings.head_dim
   shape = main_shape(settings)
