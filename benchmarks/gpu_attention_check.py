@@ -492,6 +492,88 @@ def sweep(settings) -> None:
              shape, mode_list=("fwd+bwd", "fwd"))
 
 
+# Tile candidates for the "tune" section, each kernel timed alone: (q, k, warps,
+# stages) of the forward, and (q_dkv, k_dkv, q_dq, k_dq, warps, stages) of the two
+# backward kernels. The first of each is the default.
+TUNE_FORWARD = (
+    (128, 64, None, 2), (128, 64, 4, 2), (128, 64, 4, 3), (64, 64, None, 2), (64, 64, 4, 3),
+    (64, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2),
+    (32, 64, 4, 2),
+)
+TUNE_BACKWARD = (
+    (64, 64, 64, 64, None, 2), (64, 64, 64, 64, 8, 2), (64, 64, 64, 64, 4, 3),
+    (32, 64, 64, 32, 4, 2), (64, 128, 128, 64, 8, 2), (32, 128, 128, 32, 4, 2),
+    (128, 64, 64, 128, 8, 2), (32, 32, 32, 32, 4, 2),
+)
+
+
+def tune(settings) -> None:
+  """Each kernel alone under each candidate tile, checked against the default tiles.
+
+  Cases: H 64 and 128 at the main shape, and causal T = S = 4096 at H 64; the
+  forward at rates 0 and 0.1, the backward kernels at 0.1 (and 0 at H 64).
+  A candidate's outputs must equal the default's within bf16 rounding (the mask
+  does not depend on the tiles), so any of them can become the default.
+  """
+  b, n = settings.batch, settings.heads
+  forward_tiles, backward_tiles = TUNE_FORWARD, TUNE_BACKWARD
+  if settings.interpret:  # a smoke run: two of each, shrunk to the tiny shapes
+    forward_tiles, backward_tiles = forward_tiles[:2], backward_tiles[:2]
+  cases = [(settings.head_dim, settings.seq, False), (2 * settings.head_dim, settings.seq, False),
+           (settings.head_dim, settings.causal_seq, True)]
+  for head_dim, t, causal in cases:
+    shape = f"{'causal ' if causal else ''}B{b} T=S={t} N{n} H{head_dim} bf16"
+    q, k, v, d_out = qkv(2, b, t, t, n, n, head_dim, jnp.bfloat16)
+    for rate in settings.rates:
+      config = config_for(settings, b, n, head_dim, causal, rate)
+      candidates = [("forward", pt.BlockSizes(q=a, k=c, num_warps=w, num_stages=s))
+                    for a, c, w, s in forward_tiles]
+      if rate or (head_dim == settings.head_dim and not causal):
+        candidates += [("backward", pt.BlockSizes(q_dkv=a, k_dkv=c, q_dq=d, k_dq=e,
+                                                   num_warps=w, num_stages=s))
+                       for a, c, d, e, w, s in backward_tiles]
+      reference = {}
+      for part, blocks in candidates:
+        if elapsed() > settings.budget_s:
+          RESULTS["notes"].append(f"tune cut short at {shape} rate {rate}: time budget")
+          return
+        if settings.interpret:
+          blocks = blocks._replace(**{f: 16 for f in ("q", "k", "q_dkv", "k_dkv", "q_dq", "k_dq")})
+        tiles = (f"fwd {blocks.q}x{blocks.k}" if part == "forward" else
+                 f"dkv {blocks.q_dkv}x{blocks.k_dkv} dq {blocks.q_dq}x{blocks.k_dq}")
+        label = f"{tiles} warps {blocks.num_warps} stages {blocks.num_stages}"
+        with item(f"(e) tune {label} rate={rate} {shape}"):
+          st, operands = pt.prepare(q, k, v, None, None, KEY_DATA, None, config, blocks,
+                                    settings.interpret)
+          forward = functools.partial(pt._forward, st)
+          if part == "forward":
+            kernels = {"forward": (forward, operands)}
+          else:
+            residuals = (*operands, *jax.jit(forward)(*operands))
+            d_out_p = base.pad_axis(base.pad_axis(d_out, 1, st.rows_p), 3, st.head_dim)
+            kernels = {"dq": (lambda r, d: pt._backward(st, r, d)[0], (residuals, d_out_p)),
+                       "dk/dv": (lambda r, d: pt._backward(st, r, d)[1:3], (residuals, d_out_p))}
+          for name, (fn, args) in kernels.items():
+            seconds, _, _, first = compile_and_time(settings, fn, args)
+            if name in reference:
+              for got, want in zip(jax.tree.leaves(first), jax.tree.leaves(reference[name])):
+                close(got, want, 3e-2, f"{name} vs the default tiles")
+            else:
+              reference[name] = first
+            RESULTS.setdefault("tune", []).append(dict(
+                kernel=name, label=label, rate=rate, shape=shape, ms=seconds * 1e3))
+            print(f"     {name:<8} {label:<44} rate {rate:<4} {shape:<32} {seconds * 1e3:8.3f} ms",
+                  flush=True)
+
+
+def tune_table() -> str:
+  """(e) as markdown: each kernel's time under each tile, per shape and rate."""
+  lines = ["| shape | kernel | tiles | rate | ms |", "|---|---|---|---|---|"]
+  for r in RESULTS.get("tune", []):
+    lines.append(f"| {r['shape']} | {r['kernel']} | {r['label']} | {r['rate']} | {r['ms']:.3f} |")
+  return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------
 # Report.
 
@@ -570,7 +652,7 @@ def checks(settings) -> None:
 # Each runs in its own process, in this order.
 SECTIONS = {
     "checks": checks, "main": main_table, "profile": kernel_profile, "causal": causal_table,
-    "long": long_table, "sweep": sweep,
+    "long": long_table, "sweep": sweep, "tune": tune,
 }
 
 
@@ -587,7 +669,7 @@ def run_section(name: str, settings, part: Path) -> None:
 
 def run_children(options, settings, folder: Path, save) -> None:
   """The parent: runs each section in a child process, merges what it wrote, saves."""
-  for name in SECTIONS:
+  for name in options.sections or [name for name in SECTIONS if name != "tune"]:
     if name == "sweep" and options.no_sweep:
       continue
     part = folder / f"gpu_attention_check.{name}.part.json"
@@ -609,8 +691,8 @@ def run_children(options, settings, folder: Path, save) -> None:
       except ValueError as error:
         failure = f"{failure or 'it ended'}; its results were unreadable: {error}"
       else:
-        for field in ("checks", "timings", "notes", "profile"):
-          RESULTS[field] += child[field]
+        for field in ("checks", "timings", "notes", "profile", "tune"):
+          RESULTS.setdefault(field, []).extend(child.get(field, []))
       part.unlink()
     if failure is not None:
       text = f"section {name}: {failure}"
@@ -629,6 +711,8 @@ def main(argv=None) -> dict:
                       help="kill a section's process after this")
   parser.add_argument("--total-s", type=float, default=None,
                       help="kill the section running when the whole run reaches this")
+  parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=None,
+                      help="run only these sections (default: all but tune)")
   parser.add_argument("--section", choices=list(SECTIONS), help=argparse.SUPPRESS)
   parser.add_argument("--part", default=None, help=argparse.SUPPRESS)
   options = parser.parse_args(argv)
@@ -661,6 +745,10 @@ def main(argv=None) -> dict:
   print(table())
   print()
   print(profile_table())
+  if RESULTS.get("tune"):
+    print()
+    print(tune_table())
+    RESULTS["tune_markdown"] = tune_table()
   print()
   targets(settings)
   failed = [c["name"] for c in RESULTS["checks"] if not c["ok"]]

@@ -5,6 +5,8 @@
 #   run(command="bash benchmarks/gpu_session.sh checks", timeout_s=375)   # 6 minutes
 #   run(command="bash benchmarks/gpu_session.sh issue10", timeout_s=300)  # 5 minutes
 # "checks" runs the attention script and gpu_check.py; "issue10" runs bench.py.
+# "tune" (5.5 minutes, timeout_s=360) times each attention kernel alone under the tile
+# candidates of gpu_attention_check.TUNE_*, checked against the default tiles.
 # Each step has its own time limit (570 s in all; a last, optional one runs only in
 # what is left, to 575 s) and writes its results as it goes, so a failure or a
 # cut-off keeps what came before. Results land in $OUT
@@ -18,11 +20,16 @@ export PYTHONUNBUFFERED=1
 # The device image's JAX lives in the interpreter that a plain `python3` runs.
 PY=${PYTHON:-python3}
 PART=${1:-all}
-case "$PART" in all|checks|issue10) ;; *) echo "unknown part '$PART': all, checks or issue10" >&2; exit 2;; esac
+case "$PART" in all|checks|issue10|tune) ;; *) echo "unknown part '$PART': all, checks, issue10 or tune" >&2; exit 2;; esac
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 timeout 30 "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 
+if [ "$PART" = tune ]; then
+  timeout 320 "$PY" benchmarks/gpu_attention_check.py --sections tune --budget-s 280 --total-s 310 \
+    --section-timeout-s 310 --out "$OUT" 2>&1 | tee "$OUT/tune.log"
+  exit $?
+fi
 if [ "$PART" != issue10 ]; then
 # Issue 9: attention kernels, checks then timings; optional items start only
 # within the budget, and a section still running at --total-s is killed.
