@@ -353,3 +353,86 @@ def test_attention_raises_for_unsupported_and_bad_options():
                  blocks=pt.BlockSizes(k_dq=24))
   with pytest.raises(TypeError, match="blocks"):
     pt.attention(q, q, q, None, None, KEY_DATA, None, CONFIG, interpret=True, blocks=(16, 16))
+
+
+# ----------------------------------------------------------------------------
+# Choosing the kernels: implementation=None, and the launch options' defaults.
+
+
+@pytest.fixture
+def on_gpu(monkeypatch):
+  """Makes the backend look like a GPU whose platform version is the given one."""
+  from jaxdrop._attention import api
+
+  def set_platform(version: str) -> list[str]:
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(api.jax_backend, "get_backend",
+                        lambda: type("Backend", (), {"platform_version": version})())
+    chosen = []
+    # What would run, without running it (no GPU here).
+    monkeypatch.setattr(api, "_run", lambda *args, implementation, config: chosen.append(
+        implementation) or args[0])
+    return chosen
+
+  return set_platform
+
+
+@pytest.mark.parametrize(
+    "version, head_dim, implementation, expected",
+    [
+        ("cuda 12080", 64, None, "pallas"),
+        ("CUDA 13.0", 96, None, "pallas"),  # padded to 128
+        ("cuda 12080", 512, None, "xla"),  # unsupported: silently the blockwise path
+        ("rocm 6.2", 64, None, "xla"),  # the kernels are measured on NVIDIA GPUs only
+        ("cuda 12080", 64, "xla", "xla"),
+        ("cuda 12080", 64, "reference", "reference"),
+    ],
+)
+def test_none_picks_pallas_on_nvidia_gpus_where_it_is_supported(
+    on_gpu, version, head_dim, implementation, expected):
+  chosen = on_gpu(version)
+  q = jnp.zeros((1, 8, 2, head_dim), jnp.bfloat16)
+  jaxdrop.dot_product_attention(q, q, q, dropout_rate=0.1, dropout_key=jax.random.key(0),
+                                implementation=implementation)
+  assert chosen == [expected]
+
+
+def test_none_picks_xla_off_gpus(monkeypatch):
+  from jaxdrop._attention import api
+
+  chosen = []
+  monkeypatch.setattr(api, "_run", lambda *args, implementation, config: chosen.append(
+      implementation) or args[0])
+  q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+  jaxdrop.dot_product_attention(q, q, q, dropout_rate=0.1, dropout_key=jax.random.key(0))
+  assert chosen == ["xla"]
+
+
+def test_explicit_pallas_on_an_unsupported_gpu_call_names_the_argument(on_gpu):
+  on_gpu("cuda 12080")
+  q = jnp.zeros((1, 8, 2, 512), jnp.float32)
+  with pytest.raises(ValueError, match="H=512"):
+    jaxdrop.dot_product_attention(q, q, q, dropout_rate=0.1, dropout_key=jax.random.key(0),
+                                  implementation="pallas")
+
+
+@pytest.mark.parametrize(
+    "dtype, head_dim, blocks, warps, stages",
+    [
+        # The defaults: 64 x 64 tiles, 4 warps up to H 128, 3 stages while a
+        # (64, H) operand block is at most 16 KiB.
+        (jnp.bfloat16, 64, None, 4, 3),
+        (jnp.bfloat16, 128, None, 4, 3),
+        (jnp.float32, 64, None, 4, 3),
+        (jnp.float32, 128, None, 4, 2),
+        (jnp.bfloat16, 256, None, 8, 2),
+        (jnp.bfloat16, 64, pt.BlockSizes(q=128, k=128), 8, 3),
+        (jnp.bfloat16, 128, pt.BlockSizes(q=128, k=128), 8, 2),
+        (jnp.bfloat16, 64, pt.BlockSizes(num_warps=2, num_stages=1), 2, 1),  # as given
+    ],
+)
+def test_launch_options(dtype, head_dim, blocks, warps, stages):
+  q = jnp.zeros((1, 256, 2, head_dim), dtype)
+  st, _ = pt.prepare(q, q, q, None, None, KEY_DATA, None, CONFIG, blocks)
+  params = st.compiler_params(st.blocks.q, st.blocks.k)
+  assert (params.num_warps, params.num_stages) == (warps, stages)

@@ -75,24 +75,30 @@ _COMPILER_PARAMS = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "Tri
 class BlockSizes(NamedTuple):
   """Tile sizes and launch options; each size a power of two >= 16.
 
+  The defaults were chosen on an H100 (``benchmarks/gpu_attention_check.py``'s
+  "tune" section, BENCHMARKS.md): 64 x 64 tiles with 4 warps and 3 stages
+  were the fastest uniform choice for H 64 and 128, with and without dropout,
+  causal or not. The tiles never change the result's mask.
+
   Attributes:
     q, k: queries per forward program and keys per step of its loop.
     q_dkv, k_dkv: queries per step and keys per program of the dk/dv kernel.
     q_dq, k_dq: queries per program and keys per step of the dq kernel.
     num_warps: Triton warps per program; None picks per kernel: 4 for tiles of
-      at most 64 x 64 with ``H <= 64``, else 8 (with 4 warps, a 128 x 64
-      forward tile and its hash need more than 255 registers a thread).
-    num_stages: Triton software-pipelining stages of the loops.
+      at most 64 x 64 with ``H <= 128``, else 8.
+    num_stages: Triton software-pipelining stages of the loops; None picks per
+      kernel: 3 where a (tile, H) operand block takes at most 16 KiB (so 64 x
+      128 in bf16, 64 x 64 in float32), else 2, to stay within shared memory.
   """
 
-  q: int = 128
+  q: int = 64
   k: int = 64
   q_dkv: int = 64
   k_dkv: int = 64
   q_dq: int = 64
   k_dq: int = 64
   num_warps: int | None = None
-  num_stages: int = 2
+  num_stages: int | None = None
 
   def shrunk(self, rows: int, cols: int) -> BlockSizes:
     """The same blocks, shrunk to at most the (power-of-two) sequence lengths."""
@@ -143,6 +149,7 @@ class _Static(NamedTuple):
   heads: int  # N
   kv_heads: int  # K
   head_dim: int  # H
+  itemsize: int  # bytes per element of q, k and v
   blocks: BlockSizes
   scale: float
   causal: bool
@@ -163,10 +170,12 @@ class _Static(NamedTuple):
 
   def compiler_params(self, rows: int, cols: int):
     """Launch options of a kernel whose tiles are ``rows x cols``."""
-    warps = self.blocks.num_warps
+    warps, stages = self.blocks.num_warps, self.blocks.num_stages
     if warps is None:
-      warps = 4 if rows * cols <= 64 * 64 and self.head_dim <= 64 else 8
-    return _COMPILER_PARAMS(num_warps=warps, num_stages=self.blocks.num_stages)
+      warps = 4 if rows * cols <= 64 * 64 and self.head_dim <= 128 else 8
+    if stages is None:
+      stages = 3 if max(rows, cols) * self.head_dim * self.itemsize <= 16 * 1024 else 2
+    return _COMPILER_PARAMS(num_warps=warps, num_stages=stages)
 
 
 # ----------------------------------------------------------------------------
@@ -691,7 +700,7 @@ def prepare(
   cols_p = -(-cols // blocks.col_multiple) * blocks.col_multiple
   st = _Static(
       rows=rows, cols=cols, rows_p=rows_p, cols_p=cols_p, heads=heads, kv_heads=kv_heads,
-      head_dim=head_dim_p, blocks=blocks, scale=float(config.scale), causal=config.is_causal,
+      head_dim=head_dim_p, itemsize=jnp.dtype(q.dtype).itemsize, blocks=blocks, scale=float(config.scale), causal=config.is_causal,
       dropout=config.dropout, shared_keys=tuple(config.dropout_heads) == (1, 1),
       bias=_dims(bias), mask=_dims(mask), precision=config.precision,
       interpret=bool(interpret),
