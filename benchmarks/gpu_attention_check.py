@@ -16,6 +16,9 @@ on to the next:
   (d) a profile at the main shape: each kernel (forward, dq, dk/dv) timed
       alone at rates 0 and 0.1, with its TFLOP/s, so that a missed target
       shows where the time goes.
+  (e) only when asked for (``--sections tune``): each kernel alone under the
+      tile candidates ``TUNE_FORWARD`` and ``TUNE_BACKWARD``, at H 64 and 128
+      and causal, each checked against the default tiles' outputs.
 
 Each section runs in its own process, so that a compiler crash or a host
 out-of-memory kill (as XLA's Triton pipeline gave for an earlier hash layout)
@@ -384,6 +387,25 @@ def main_table(settings) -> None:
           close(g, w, 3e-2, name)
 
 
+def kernels_alone(settings, q, k, v, d_out, config, blocks, names=("forward", "dq", "dk/dv")):
+  """(static, {name: (fn, args)}): the library's private kernel entry points, each alone.
+
+  They run on the padded operands; the backward kernels get the forward's
+  residuals (computed here, when asked for). XLA drops a kernel whose outputs
+  are unused, so "dq" and "dk/dv" are one kernel (and its delta) each.
+  """
+  st, operands = pt.prepare(q, k, v, None, None, KEY_DATA, None, config, blocks,
+                            settings.interpret)
+  forward = functools.partial(pt._forward, st)
+  kernels = {"forward": (forward, operands)}
+  if set(names) - {"forward"}:
+    residuals = (*operands, *jax.jit(forward)(*operands))
+    d_out_p = base.pad_axis(base.pad_axis(d_out, 1, st.rows_p), 3, st.head_dim)
+    kernels["dq"] = (lambda r, d: pt._backward(st, r, d)[0], (residuals, d_out_p))
+    kernels["dk/dv"] = (lambda r, d: pt._backward(st, r, d)[1:3], (residuals, d_out_p))
+  return st, {name: kernels[name] for name in names}
+
+
 def kernel_profile(settings) -> None:
   """Each kernel alone at the main shape, rates 0 and 0.1: where the time goes.
 
@@ -402,18 +424,7 @@ def kernel_profile(settings) -> None:
     kernels = None
     with item(f"(d) profile: the forward's residuals, rate={rate} {shape}"):
       config = config_for(settings, b, n, h, False, rate)
-      st, operands = pt.prepare(q, k, v, None, None, KEY_DATA, None, config, blocks,
-                                settings.interpret)
-      # The library's private kernel entry points, each alone, on padded operands.
-      forward = functools.partial(pt._forward, st)
-      residuals = (*operands, *jax.jit(forward)(*operands))
-      d_out_p = base.pad_axis(base.pad_axis(d_out, 1, st.rows_p), 3, st.head_dim)
-      kernels = {
-          "forward": (forward, operands),
-          # XLA drops a kernel whose outputs are unused: one kernel (and delta) each.
-          "dq": (lambda r, d: pt._backward(st, r, d)[0], (residuals, d_out_p)),
-          "dk/dv": (lambda r, d: pt._backward(st, r, d)[1:3], (residuals, d_out_p)),
-      }
+      st, kernels = kernels_alone(settings, q, k, v, d_out, config, blocks)
     for name, (fn, args) in (kernels or {}).items():
       with item(f"(d) profile: {name} kernel alone, rate={rate} {shape}"):
         seconds, _, _, _ = compile_and_time(settings, fn, args)
@@ -545,16 +556,8 @@ def tune(settings) -> None:
                  f"dkv {blocks.q_dkv}x{blocks.k_dkv} dq {blocks.q_dq}x{blocks.k_dq}")
         label = f"{tiles} warps {blocks.num_warps} stages {blocks.num_stages}"
         with item(f"(e) tune {label} rate={rate} {shape}"):
-          st, operands = pt.prepare(q, k, v, None, None, KEY_DATA, None, config, blocks,
-                                    settings.interpret)
-          forward = functools.partial(pt._forward, st)
-          if part == "forward":
-            kernels = {"forward": (forward, operands)}
-          else:
-            residuals = (*operands, *jax.jit(forward)(*operands))
-            d_out_p = base.pad_axis(base.pad_axis(d_out, 1, st.rows_p), 3, st.head_dim)
-            kernels = {"dq": (lambda r, d: pt._backward(st, r, d)[0], (residuals, d_out_p)),
-                       "dk/dv": (lambda r, d: pt._backward(st, r, d)[1:3], (residuals, d_out_p))}
+          names = ("forward",) if part == "forward" else ("dq", "dk/dv")
+          _, kernels = kernels_alone(settings, q, k, v, d_out, config, blocks, names)
           for name, (fn, args) in kernels.items():
             seconds, _, _, first = compile_and_time(settings, fn, args)
             if name in reference:

@@ -700,7 +700,8 @@ def prepare(
   cols_p = -(-cols // blocks.col_multiple) * blocks.col_multiple
   st = _Static(
       rows=rows, cols=cols, rows_p=rows_p, cols_p=cols_p, heads=heads, kv_heads=kv_heads,
-      head_dim=head_dim_p, itemsize=jnp.dtype(q.dtype).itemsize, blocks=blocks, scale=float(config.scale), causal=config.is_causal,
+      head_dim=head_dim_p, itemsize=jnp.dtype(q.dtype).itemsize, blocks=blocks,
+      scale=float(config.scale), causal=config.is_causal,
       dropout=config.dropout, shared_keys=tuple(config.dropout_heads) == (1, 1),
       bias=_dims(bias), mask=_dims(mask), precision=config.precision,
       interpret=bool(interpret),
