@@ -530,10 +530,10 @@ def tune(settings) -> None:
   """
   b, n = settings.batch, settings.heads
   forward_tiles, backward_tiles = TUNE_FORWARD, TUNE_BACKWARD
-  if settings.interpret:  # a smoke run: two of each, shrunk to the tiny shapes
-    forward_tiles, backward_tiles = forward_tiles[:2], backward_tiles[:2]
   cases = [(settings.head_dim, settings.seq, False), (2 * settings.head_dim, settings.seq, False),
            (settings.head_dim, settings.causal_seq, True)]
+  if settings.interpret:  # a smoke run: two of each, shrunk to the tiny shapes, one case
+    forward_tiles, backward_tiles, cases = forward_tiles[:2], backward_tiles[:2], cases[:1]
   for head_dim, t, causal in cases:
     shape = f"{'causal ' if causal else ''}B{b} T=S={t} N{n} H{head_dim} bf16"
     q, k, v, d_out = qkv(2, b, t, t, n, n, head_dim, jnp.bfloat16)

@@ -37,3 +37,22 @@ def test_smoke_run_passes_its_checks_and_records_the_table(tmp_path):
   profiled = {(r["kernel"], r["rate"]) for r in results["profile"]}
   assert profiled == {(k, r) for k in ("forward", "dq", "dk/dv") for r in (0.0, 0.1)}
   assert not list(tmp_path.glob("*.part.json"))  # merged and removed
+
+
+def test_smoke_tune_times_each_kernel_under_each_candidate(tmp_path):
+  done = subprocess.run(
+      [sys.executable, str(SCRIPT), "--smoke", "--sections", "tune", "--out", str(tmp_path)],
+      capture_output=True, text=True, timeout=240, check=False,
+  )
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  results = json.loads((tmp_path / "gpu_attention_check_smoke.json").read_text())
+  failed = [c for c in results["checks"] if not c["ok"]]
+  assert not failed, failed
+  assert not results["timings"] and not results["profile"]  # only the section asked for
+  timed = {(r["kernel"], r["label"], r["rate"]) for r in results["tune"]}
+  # Two forward and two backward candidates (shrunk to 16 x 16 tiles), at rates 0 and 0.1.
+  assert len({label for kernel, label, _ in timed if kernel == "forward"}) == 2
+  assert len({label for kernel, label, _ in timed if kernel == "dk/dv"}) == 2
+  assert {kernel for kernel, _, _ in timed} == {"forward", "dq", "dk/dv"}
+  assert {rate for _, _, rate in timed} == {0.0, 0.1}
+  assert "| forward |" in results["tune_markdown"]
