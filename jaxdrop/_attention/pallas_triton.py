@@ -663,7 +663,7 @@ def _operand_reason(q, k, v, bias, mask, config: base.Config) -> str | None:
 
 def padded_head_dim(head_dim: int) -> int:
   """The head dimension the kernels run at: the next power of two, at least 16."""
-  return max(_MIN_BLOCK, 1 << (head_dim - 1).bit_length())
+  return max(_MIN_BLOCK, pl.next_power_of_2(head_dim))
 
 
 class Prepared(NamedTuple):
