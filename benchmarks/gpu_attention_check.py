@@ -552,8 +552,8 @@ def tune(settings) -> None:
         if elapsed() > settings.budget_s:
           RESULTS["notes"].append(f"tune cut short at {shape} rate {rate}: time budget")
           return
-        if settings.interpret:
-          blocks = blocks._replace(**{f: 16 for f in ("q", "k", "q_dkv", "k_dkv", "q_dq", "k_dq")})
+        if settings.interpret:  # the smoke run's tiles, with the candidate's launch options
+          blocks = SMOKE_BLOCKS._replace(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
         tiles = (f"fwd {blocks.q}x{blocks.k}" if part == "forward" else
                  f"dkv {blocks.q_dkv}x{blocks.k_dkv} dq {blocks.q_dq}x{blocks.k_dq}")
         label = f"{tiles} warps {blocks.num_warps} stages {blocks.num_stages}"

@@ -359,6 +359,20 @@ def test_attention_raises_for_unsupported_and_bad_options():
 # Choosing the kernels: implementation=None, and the launch options' defaults.
 
 
+def _record_runs(monkeypatch) -> list[str]:
+  """Replaces the attention's jitted runner: what it is asked to run, without running it."""
+  from jaxdrop._attention import api
+
+  chosen = []
+
+  def run(q, *args, implementation, config):
+    chosen.append(implementation)
+    return q
+
+  monkeypatch.setattr(api, "_run", run)
+  return chosen
+
+
 @pytest.fixture
 def on_gpu(monkeypatch):
   """Makes the backend look like a GPU whose platform version is the given one."""
@@ -368,11 +382,7 @@ def on_gpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(api.jax_backend, "get_backend",
                         lambda: type("Backend", (), {"platform_version": version})())
-    chosen = []
-    # What would run, without running it (no GPU here).
-    monkeypatch.setattr(api, "_run", lambda *args, implementation, config: chosen.append(
-        implementation) or args[0])
-    return chosen
+    return _record_runs(monkeypatch)  # no GPU here to run them
 
   return set_platform
 
@@ -398,11 +408,7 @@ def test_none_picks_pallas_on_nvidia_gpus_where_it_is_supported(
 
 
 def test_none_picks_xla_off_gpus(monkeypatch):
-  from jaxdrop._attention import api
-
-  chosen = []
-  monkeypatch.setattr(api, "_run", lambda *args, implementation, config: chosen.append(
-      implementation) or args[0])
+  chosen = _record_runs(monkeypatch)
   q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
   jaxdrop.dot_product_attention(q, q, q, dropout_rate=0.1, dropout_key=jax.random.key(0))
   assert chosen == ["xla"]
