@@ -11,6 +11,13 @@ Anything else (a file cut short or emptied, an empty directory, a missing
 file) is damaged: a resume moves it to ``<directory>/damaged/`` with a message
 naming it, and continues from the newest intact step, or stops with
 ``CheckpointError`` if no step is intact.
+
+Saves are synchronous (Orbax's ``Checkpointer``, not its ``AsyncCheckpointer``):
+the loop waits for each save anyway, and an async save that fails before it
+has made its directory leaves Orbax threads waiting forever, so the process
+never exits. A save that fails for any reason (a full disk, a directory that
+cannot be written) is a ``CheckpointError`` naming the step and the cause; the
+steps saved before it are kept.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +38,7 @@ CHECKSUMS = "CHECKSUMS.json"
 
 
 class CheckpointError(RuntimeError):
-  """Checkpoints exist, but none of them can be restored."""
+  """Checkpoints cannot be written, or exist but none of them can be restored."""
 
 
 def saved_steps(directory: str) -> list[int]:
@@ -72,6 +80,18 @@ def _damage(step_dir: str) -> str | None:
   return None
 
 
+def remove_partial_saves(directory: str) -> None:
+  """Removes what saves cut short left (Orbax's own temporary names included)."""
+  for name in os.listdir(directory) if os.path.isdir(directory) else ():
+    if ".partial" in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _orbax() -> ocp.Checkpointer:
+  """A synchronous Orbax checkpointer of one pytree (see the module docstring)."""
+  return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+
+
 def _on_primary(fn: Callable[[], None], tag: str) -> None:
   """Runs a filesystem change on process 0 only; the other processes wait for it."""
   if jax.process_index() == 0:
@@ -99,8 +119,8 @@ def restore_latest(directory: str, state: Any, log: Callable[[str], None] = prin
     problem = _damage(path)
     if problem is None:
       try:
-        with ocp.StandardCheckpointer() as checkpointer:
-          restored = checkpointer.restore(path, abstract)
+        with _orbax() as checkpointer:
+          restored = checkpointer.restore(path, args=ocp.args.StandardRestore(abstract))
         if int(restored.step) != step:
           problem, restored = f"it holds step {int(restored.step)}", None
       except Exception as error:  # noqa: BLE001 -- any failure to read means damage.
@@ -126,29 +146,40 @@ def restore_latest(directory: str, state: Any, log: Callable[[str], None] = prin
       shutil.move(os.path.join(directory, str(step)), target)
       log(f"checkpoint {os.path.join(directory, str(step))} is damaged ({problem}); "
           f"moved it to {target}")
-    for name in os.listdir(directory) if os.path.isdir(directory) else ():
-      if ".partial" in name:  # A save cut short (Orbax's own temporary names included).
-        shutil.rmtree(os.path.join(directory, name))
+    remove_partial_saves(directory)
 
   _on_primary(move_aside, f"move-aside:{directory}")
   return restored
 
 
 class Checkpointer:
-  """Saves a run's train state every so often, keeping the newest `keep` steps."""
+  """Saves a run's train state every so often, keeping the newest `keep` steps.
+
+  Raises:
+    CheckpointError: `directory` cannot be made or written (at once, before
+      any training), or a save failed.
+  """
 
   def __init__(self, directory: str, keep: int = 2):
     self.directory = os.path.abspath(directory)
     self.keep = keep
-    self._orbax = ocp.StandardCheckpointer()
+    _on_primary(self._check_writable, f"check:{self.directory}")
+    self._orbax = _orbax()
+
+  def _check_writable(self) -> None:
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      with tempfile.TemporaryFile(dir=self.directory):
+        pass
+    except OSError as error:
+      raise CheckpointError(
+          f"cannot write checkpoints to {self.directory} ({error.strerror or error})"
+      ) from None
 
   def save(self, step: int, state: Any) -> None:
     """Saves `state` as `step`, synchronously; a step directory that exists is complete."""
     final = os.path.join(self.directory, str(step))
     partial = final + ".partial"
-    _on_primary(lambda: shutil.rmtree(partial, ignore_errors=True), f"clear:{partial}")
-    self._orbax.save(partial, state)
-    self._orbax.wait_until_finished()
 
     def commit():
       table = _checksums(partial)
@@ -159,7 +190,17 @@ class Checkpointer:
       for old in saved_steps(self.directory)[: -self.keep]:
         shutil.rmtree(os.path.join(self.directory, str(old)))
 
-    _on_primary(commit, f"save:{final}")
+    try:
+      _on_primary(lambda: shutil.rmtree(partial, ignore_errors=True), f"clear:{partial}")
+      self._orbax.save(partial, args=ocp.args.StandardSave(state))
+      _on_primary(commit, f"save:{final}")
+    except Exception as error:  # noqa: BLE001 -- whatever failed, the save did not happen.
+      _on_primary(lambda: remove_partial_saves(self.directory), f"failed:{partial}")
+      kept = ", ".join(map(str, saved_steps(self.directory))) or "none"
+      raise CheckpointError(
+          f"saving step {step} to {final} failed ({type(error).__name__}: "
+          f"{str(error)[:300]}); the steps saved before it are kept (steps: {kept})"
+      ) from error
 
   def close(self) -> None:
     self._orbax.close()
