@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -38,6 +39,10 @@ def above(low: float) -> Check:
   return lambda v: None if v > low else f"must be > {low:g}"
 
 
+def finite(v: float) -> str | None:
+  return None if math.isfinite(v) else "must be finite"
+
+
 def between(low: float, high: float, *, high_open: bool = False, low_open: bool = False) -> Check:
   """low <= v <= high, with either end open; NaN fails every comparison."""
   def check(v):
@@ -50,7 +55,7 @@ def between(low: float, high: float, *, high_open: bool = False, low_open: bool 
 
 PositiveInt = Annotated[int, at_least(1)]
 NonNegativeInt = Annotated[int, at_least(0)]
-PositiveFloat = Annotated[float, above(0)]
+PositiveFloat = Annotated[float, above(0), finite]
 
 
 def field_comments(cls: type) -> dict[str, str]:
