@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxdrop
+from train_lib.checkpoints import saved_steps
 
 ECE_BINS = 15
 
@@ -109,8 +110,10 @@ def check_finite(step: int, outputs: dict[str, Any], checkpoints: str) -> None:
   try:
     chex.assert_tree_all_finite(outputs)
   except AssertionError as error:
+    steps = saved_steps(checkpoints)
+    last = (f"the last good one, step {steps[-1]}, is in {checkpoints}" if steps
+            else "this run had saved none yet")
     raise NonFiniteError(
         f"step {step}: the loss or the gradients are NaN or Inf, so training stopped. "
-        f"No checkpoint was written after it; the last good one is in {checkpoints}. "
-        f"Try a smaller --lr.\n{error}"
+        f"No checkpoint was written after it; {last}. Try a smaller --lr.\n{error}"
     ) from None
