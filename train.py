@@ -130,6 +130,11 @@ def check_config(config: Config, given: Collection[str]) -> Config:
   repeated = sorted({r for r in config.sweep if config.sweep.count(r) > 1})
   if repeated:
     raise ValueError(f"--sweep lists {', '.join(map(workdir.rate_label, repeated))} twice")
+  if config.batch_size > config.train_size:
+    raise ValueError(
+        f"--batch-size {config.batch_size} is larger than the {config.train_size} training "
+        f"examples (--train-size): give at most {config.train_size}"
+    )
   check_device_count(config.devices, config.batch_size)
   defaults = MODEL_DEFAULTS[config.model]
   config = dataclasses.replace(
@@ -259,12 +264,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs the comparison; returns what it writes to results.json."""
   maybe_initialize_distributed()
   config = cli.parse(Config, argv, __doc__.splitlines()[0], check=check_config)
-  started = time.perf_counter()
-  is_writer = jax.process_index() == 0
-  if is_writer:
-    workdir.create(config.workdir, config.signature())
-  print(f"workdir: {config.workdir}", flush=True)
+  if jax.process_index() != 0:
+    return train_all(config, is_writer=False)  # Only process 0 writes files.
+  with workdir.create(config.workdir, config.signature()):  # Locked until the run ends.
+    return train_all(config, is_writer=True)
 
+
+def train_all(config: Config, is_writer: bool) -> dict[str, Any]:
+  """Trains and evaluates every run of `config`; process 0 writes the results."""
+  started = time.perf_counter()
+  print(f"workdir: {config.workdir}", flush=True)
   mesh = make_mesh(config.devices)
   host = load_mnist1d(config.train_size, config.test_size)
   data = {**{k: put(v, mesh, P()) for k, v in host.items()}, "host": host}
@@ -298,7 +307,7 @@ def run(argv: Sequence[str] | None = None) -> int:
   except Interrupted as interrupted:
     print(interrupted, file=sys.stderr)
     return 130
-  except (NonFiniteError, CheckpointError) as error:
+  except (NonFiniteError, CheckpointError, workdir.WorkdirBusy, OSError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 1
   return 0
