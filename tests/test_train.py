@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import glob
 import io
 import json
@@ -97,22 +98,26 @@ def interrupted_run(tmp_path_factory):
   return directory, code, stderr.getvalue()
 
 
-def start_and_signal(directory, signum, after):
-  """Runs `train.py SMALL` and sends `signum` once checkpoint `after` exists."""
+def start_and_signal(cwd, signum, after):
+  """Runs `train.py SMALL` in `cwd` as a newcomer would, with the default workdir
+  (a relative ``runs/cnn-<stamp>``), and sends `signum` once checkpoint `after`
+  exists. Returns (exit status, stderr, the workdir)."""
+  os.makedirs(cwd)
   process = subprocess.Popen(
-      [sys.executable, "-W", "error", "train.py", *SMALL, "--workdir", directory],
-      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      [sys.executable, "-W", "error", os.path.join(ROOT, "train.py"), *SMALL],
+      cwd=cwd, env=dict(os.environ, JAX_PLATFORMS="cpu"),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
   )
-  first = os.path.join(directory, "checkpoints", after)
+  pattern = os.path.join(cwd, workdir.RUNS, "*", "checkpoints", after)
   deadline = time.monotonic() + 240
-  while not os.path.isdir(first) and process.poll() is None and time.monotonic() < deadline:
+  while not glob.glob(pattern) and process.poll() is None and time.monotonic() < deadline:
     time.sleep(0.005)
   alive = process.poll() is None
   process.send_signal(signum)
   out, err = process.communicate(timeout=240)
   assert alive, f"the run ended before the signal:\n{out}\n{err}"
-  return process.returncode, err
+  (run,) = glob.glob(os.path.join(cwd, workdir.RUNS, "*"))
+  return process.returncode, err, run
 
 
 def run_on_eight_devices(directory):
@@ -329,12 +334,161 @@ def test_config_json_is_written_atomically(tmp_path, monkeypatch):
 
   with monkeypatch.context() as patch:
     patch.setattr(workdir.os, "replace", crash)
-    with pytest.raises(OSError):
-      workdir.create(str(tmp_path / "a"), signature)
+    with pytest.raises(OSError), workdir.create(str(tmp_path / "a"), signature):
+      pass
   assert not os.path.exists(tmp_path / "a" / "config.json")  # No half-written file.
-  workdir.create(str(tmp_path / "a"), signature)
+  with workdir.create(str(tmp_path / "a"), signature):
+    pass
   assert strict_load(tmp_path / "a" / "config.json") == signature
-  assert os.listdir(tmp_path / "a") == ["config.json"]
+  assert sorted(os.listdir(tmp_path / "a")) == ["config.json", "lock"]
+
+
+def _file(path, text=""):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+
+
+# (what is made first under the test's directory, the flags, the error), where the
+# flags and the error name the directory as {d}.
+WORKDIR_ERRORS = {
+    "batch larger than the data": (
+        None, ["--batch-size", "1000000000000"],
+        "--batch-size 1000000000000 is larger than the 128 training examples (--train-size): "
+        "give at most 128",
+    ),
+    "--lr inf": (None, ["--lr", "inf"], "argument --lr: must be finite, got inf"),
+    "workdir is a file": (
+        lambda d: _file(f"{d}/w"), [], "--workdir {d}/w is a file, not a directory"
+    ),
+    "workdir under a file": (
+        lambda d: _file(f"{d}/f"), ["--workdir", "{d}/f/w"],
+        "--workdir {d}/f/w cannot be made: {d}/f is a file, not a directory",
+    ),
+    "config.json is a list": (
+        lambda d: _file(f"{d}/w/config.json", "[]"), ["--resume"],
+        "{d}/w/config.json is not a train.py config (it holds a JSON list)",
+    ),
+    "foreign rows in metrics.jsonl": (
+        lambda d: _file(f"{d}/w/metrics.jsonl", '{"loss": 1}\n'), [],
+        "{d}/w/metrics.jsonl line 1 is not a row of train.py's metrics",
+    ),
+    "metrics.jsonl is a directory": (
+        lambda d: os.makedirs(f"{d}/w/metrics.jsonl"), [],
+        "{d}/w/metrics.jsonl is not a file: move it away",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", WORKDIR_ERRORS)
+def test_workdir_problems_are_flag_errors_before_anything_is_written(case, tmp_path, capsys):
+  make, flags, message = WORKDIR_ERRORS[case]
+  d = os.path.realpath(tmp_path)
+  if make:
+    make(d)
+  before = sorted(glob.glob(f"{d}/**", recursive=True))
+  flags = ["--workdir", "{d}/w", *flags] if "--workdir" not in flags else flags
+  with pytest.raises(SystemExit) as exit_:
+    train.main([*SMALL, *(flag.format(d=d) for flag in flags)])
+  assert exit_.value.code == 2
+  assert f"error: {message.format(d=d)}" in capsys.readouterr().err
+  assert sorted(glob.glob(f"{d}/**", recursive=True)) == before  # Nothing made or changed.
+
+
+def test_a_workdir_that_cannot_be_written_is_a_flag_error(tmp_path, monkeypatch, capsys):
+  # The tests may run as root, whom no permission bit stops: the check is os.access's.
+  target = str(tmp_path / "w")
+  monkeypatch.setattr(workdir.os, "access", lambda path, mode: path != str(tmp_path))
+  with pytest.raises(SystemExit):
+    train.main([*SMALL, "--workdir", target])
+  assert f"--workdir {target} is not writable ({tmp_path} is where it would be made)" in (
+      capsys.readouterr().err)
+
+
+def test_the_workdir_is_resolved_once(tmp_path, monkeypatch):
+  signature = {"model": "cnn"}
+  os.makedirs(tmp_path / "real")
+  os.symlink(tmp_path / "real", tmp_path / "link")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  real = os.path.realpath(tmp_path)
+  assert workdir.find("link", False, "cnn", signature) == f"{real}/real"
+  assert workdir.find("./link/../x", False, "cnn", signature) == f"{real}/x"
+  assert workdir.find("~/runs/a", False, "cnn", signature) == f"{real}/home/runs/a"
+  default = workdir.find("", False, "cnn", signature)
+  assert os.path.dirname(default) == f"{real}/runs" and os.path.isabs(default)
+
+
+def python_train(flags, cwd=ROOT, before=""):
+  """`python train.py FLAGS` as a subprocess, after the Python lines `before`."""
+  script = f"import sys; sys.path.insert(0, {ROOT!r}); import train\n{before}\n" \
+           f"sys.exit(train.run({flags!r}))"
+  return subprocess.Popen(
+      [sys.executable, "-W", "error", "-c", script], cwd=cwd,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )
+
+
+@pytest.mark.parametrize("checked_first", [True, False], ids=["checked-first", "save-fails"])
+def test_unwritable_checkpoints_end_the_run_within_seconds(checked_first, tmp_path):
+  # checkpoints/<run> cannot be made: a file stands where checkpoints/ should be. Either
+  # the check at the start says so, or (with the check off) the first save fails: both
+  # end the process (an asynchronous Orbax save used to leave it waiting forever).
+  _file(f"{tmp_path}/checkpoints")
+  skip_check = "" if checked_first else "train.Checkpointer._check_writable = lambda self: None"
+  started = time.monotonic()
+  process = python_train([*SMALL, "--workdir", str(tmp_path)], before=skip_check)
+  try:
+    _, err = process.communicate(timeout=30)
+  finally:
+    process.kill()
+  assert process.returncode == 1, err
+  assert time.monotonic() - started < 30
+  path = f"{tmp_path}/checkpoints/rate0-seed0"
+  expected = (f"error: cannot write checkpoints to {path} (" if checked_first
+              else f"error: saving step 20 to {path}/20 failed (")
+  assert expected in err, err
+
+
+def test_one_writer_per_workdir_and_no_stale_lock_after_kill(tmp_path, capsys):
+  long = [*SMALL, "--steps", "100000", "--workdir", str(tmp_path)]
+  first = python_train(long)
+  try:
+    deadline = time.monotonic() + 120
+    while first.poll() is None and time.monotonic() < deadline and not glob.glob(
+        f"{tmp_path}/checkpoints/*/20"):
+      time.sleep(0.01)
+    assert first.poll() is None, first.communicate()
+    assert train.run([*long, "--resume"]) == 1
+    assert f"is in use by another train.py (pid {first.pid})" in capsys.readouterr().err
+  finally:
+    first.kill()
+    first.communicate()
+  assert first.returncode == -signal.SIGKILL
+  with workdir.create(str(tmp_path), strict_load(tmp_path / "config.json")):
+    assert (tmp_path / "lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_a_full_disk_keeps_the_steps_saved_before_it(small_run, tmp_path, monkeypatch, capsys):
+  real_save = checkpoints.ocp.Checkpointer.save
+
+  def save(self, directory, *args, **kwargs):
+    if os.path.basename(os.fspath(directory)) == "40.partial":
+      _file(os.path.join(directory, "half"))
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_save(self, directory, *args, **kwargs)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoints.ocp.Checkpointer, "save", save)
+    assert train.run([*SMALL, "--workdir", str(tmp_path)]) == 1
+  run_dir = tmp_path / "checkpoints" / "rate0-seed0"
+  assert (f"error: saving step 40 to {run_dir}/40 failed (OSError: [Errno 28] No space left "
+          f"on device); the steps saved before it are kept (steps: 20)") in capsys.readouterr().err
+  assert os.listdir(run_dir) == ["20"]  # And no partial save.
+  resumed = train.main([*SMALL, "--workdir", str(tmp_path), "--resume"])
+  assert resumed["runs"] == small_run[1]["runs"]
+  assert read_metrics(tmp_path) == read_metrics(small_run[0])
 
 
 def test_resume_leaves_config_json_alone(interrupted_run, tmp_path, capsys):
@@ -410,9 +564,22 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
     return loaded
 
   monkeypatch.setattr(train, "load_mnist1d", with_a_nan)
-  with pytest.raises(train.NonFiniteError, match="^step 2: the loss or the gradients are NaN"):
+  with pytest.raises(train.NonFiniteError, match="^step 2: the loss or the gradients are NaN") as e:
     train.main([*SMALL, "--rate", "0", "--checkpoint-every", "1", "--workdir", str(tmp_path)])
-  assert os.listdir(tmp_path / "checkpoints" / "rate0-seed0") == ["1"]
+  run_dir = tmp_path / "checkpoints" / "rate0-seed0"
+  assert f"the last good one, step 1, is in {run_dir}. Try a smaller --lr." in str(e.value)
+  assert os.listdir(run_dir) == ["1"]
+
+
+def test_a_run_that_diverged_before_saving_anything_can_be_started_again(tmp_path):
+  with pytest.raises(train.NonFiniteError) as error:
+    train.main([*SMALL, "--lr", "1e30", "--workdir", str(tmp_path)])
+  assert "No checkpoint was written after it; this run had saved none yet." in str(error.value)
+  # It left no metrics row and no checkpoint, so the same workdir takes a new run as is.
+  quick = ["--steps", "10", "--eval-every", "10", "--checkpoint-every", "10", "--mc-samples", "0"]
+  train.main([*SMALL, *quick, "--workdir", str(tmp_path)])
+  assert strict_load(tmp_path / "config.json")["lr"] != 1e30
+  assert os.path.exists(tmp_path / "results.json")
 
 
 def test_data_restores_global_random_state():
@@ -451,16 +618,21 @@ def test_help_is_the_config_declared_once(capsys, monkeypatch):
   assert "(default: 0.5)" in text and "(default: cnn)" in text
 
 
-def test_kill_and_resume_matches_uninterrupted_run(small_run, background, capsys):
-  job, directory = background["killed"]
-  code, _ = job.result()
+def test_kill_and_resume_matches_uninterrupted_run(small_run, background, capsys, monkeypatch):
+  job, cwd = background["killed"]
+  code, _, directory = job.result()
   assert code == -signal.SIGKILL
   assert not os.path.exists(os.path.join(directory, "results.json"))
 
-  # The same command plus --resume (here in this process: only the files carry over).
+  # The same command plus --resume, from the same directory (here in this process: only
+  # the files carry over). It finds the relative default workdir, and Orbax, which
+  # needs absolute paths, restores its checkpoints.
+  monkeypatch.chdir(cwd)
   capsys.readouterr()
-  resumed = train.main([*SMALL, "--workdir", directory, "--resume"])
-  assert "resumed from step " in capsys.readouterr().out
+  resumed = train.main([*SMALL, "--resume"])
+  out = capsys.readouterr().out
+  assert f"workdir: {os.path.realpath(directory)}" in out
+  assert "resumed from step " in out and "damaged" not in out, out
   assert resumed["runs"] == small_run[1]["runs"]
   assert strict_load(os.path.join(directory, "results.json"))["runs"] == small_run[1]["runs"]
   assert read_metrics(directory) == read_metrics(small_run[0])
