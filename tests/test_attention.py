@@ -283,6 +283,30 @@ def test_a_row_of_minus_inf_bias_is_a_row_with_no_allowed_position(implementatio
   np.testing.assert_allclose(out[:, :, 1], expected[:, :, 1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+@pytest.mark.parametrize("implementation", [None, "xla", "reference"])
+def test_nan_bias_makes_its_row_nan_as_jax_nn_unless_masked(implementation, rate):
+  q, k, v = inputs()
+  bias = np.zeros((1, 4, 13, 40), np.float32)
+  bias[0, 2, :, 3] = np.nan  # Every row of head 2: NaN at an allowed key.
+  bias[0, 1, :, 5] = np.nan  # Head 1: NaN at a masked key, which ignores it.
+  mask = np.ones((1, 4, 1, 40), bool)
+  mask[0, 1, 0, 5] = False
+  bias, mask = jnp.asarray(bias), jnp.asarray(mask)
+  assert np.all(np.isnan(jax.nn.dot_product_attention(q, k, v, bias, mask)[:, :, 2]))
+  out = jaxdrop.dot_product_attention(
+      q, k, v, bias, mask, implementation=implementation, dropout_rate=rate, dropout_key=KEY
+  )
+  # Dropout drops the NaN weight from some rows: the softmax sum still holds it.
+  assert np.all(np.isnan(out[:, :, 2]))
+  clean = jaxdrop.dot_product_attention(
+      q, k, v, jnp.nan_to_num(bias), mask, implementation="reference", dropout_rate=rate,
+      dropout_key=KEY,
+  )
+  for head in (0, 1, 3):
+    np.testing.assert_allclose(out[:, :, head], clean[:, :, head], rtol=1e-5, atol=1e-6)
+
+
 def test_traced_rate_compiles_once_and_matches_static():
   q, k, v = inputs()
   traces = []
@@ -381,6 +405,26 @@ def test_bad_arguments_are_named(kwargs, error, match):
     jaxdrop.dot_product_attention(q, k, v, **kwargs)
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+@pytest.mark.parametrize("implementation", [None, "xla", "reference", "pallas"])
+@pytest.mark.parametrize(
+    ("scale", "error", "match"),
+    [
+        (float("nan"), ValueError, "scale=nan"),
+        (float("inf"), ValueError, "scale=inf"),
+        (-np.inf, ValueError, "scale=-inf"),
+        (np.float32("nan"), ValueError, "scale=nan"),
+        (jnp.float32(0.5), TypeError, r"query \* s"),
+    ],
+)
+def test_a_non_finite_or_array_scale_is_named(implementation, rate, scale, error, match):
+  q, k, v = inputs()
+  with pytest.raises(error, match=match):
+    jaxdrop.dot_product_attention(
+        q, k, v, scale=scale, dropout_rate=rate, dropout_key=KEY, implementation=implementation
+    )
+
+
 @pytest.mark.parametrize(
     ("shapes", "match"),
     [
@@ -400,6 +444,108 @@ def test_mixed_dtypes_are_refused():
   q, k, v = inputs()
   with pytest.raises(TypeError, match="one dtype"):
     jaxdrop.dot_product_attention(q, k.astype(jnp.bfloat16), v)
+
+
+# ----------------------------------------------------------------------------
+# Zero sizes.
+
+# [B, T, N, H] and [B, S, K, H] from inputs()' defaults, one size set to 0.
+ZERO_SIZES = {
+    "B": dict(batch=0),
+    "N_and_K": dict(heads=0, kv_heads=0),
+    "N": dict(heads=0),
+    "T": dict(rows=0),
+    "S": dict(cols=0),
+    "H": dict(head_dim=0),
+}
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+@pytest.mark.parametrize("implementation", [None, "xla", "reference"])
+@pytest.mark.parametrize("zero", sorted(ZERO_SIZES))
+def test_zero_sizes_give_zeros_and_zero_gradients(zero, implementation, rate):
+  """An empty output, or S = 0 (rows with no key: zeros, as jax.nn gives), with dropout too."""
+  q, k, v = inputs(**ZERO_SIZES[zero])
+  batch, rows, heads, _ = q.shape
+  bias = jnp.ones((1, heads, rows, k.shape[1]))
+  mask = jnp.ones((batch, 1, 1, k.shape[1]), bool)
+
+  def loss(q, k, v, bias):
+    out = jaxdrop.dot_product_attention(
+        q, k, v, bias, mask, implementation=implementation, dropout_rate=rate, dropout_key=KEY
+    )
+    return jnp.sum(out), out
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
+      q, k, v, bias
+  )
+  np.testing.assert_array_equal(out, np.zeros(q.shape))
+  if zero in ("B", "N", "T", "S"):  # jax.nn divides by K and H.
+    np.testing.assert_array_equal(out, jax.nn.dot_product_attention(q, k, v, bias, mask))
+  for grad, x in zip(grads, (q, k, v, bias)):
+    assert grad.shape == x.shape
+    np.testing.assert_array_equal(grad, 0)
+
+
+@pytest.mark.parametrize("rate", [0.3, jnp.float32(0.3)], ids=["static", "array"])
+@pytest.mark.parametrize("shape", [(0, 2, 3, 40), (2, 0, 3, 40), (2, 2, 0, 40), (2, 2, 3, 0)])
+def test_mask_of_a_zero_size_shape_is_empty(shape, rate):
+  keep = jaxdrop.attention_keep_mask(KEY, shape, rate)
+  assert keep.shape == shape and keep.dtype == jnp.bool_
+
+
+def test_heads_k_zero_must_have_n_zero():
+  q, k, v = inputs(kv_heads=0)
+  with pytest.raises(ValueError, match="K=0"):
+    jaxdrop.dot_product_attention(q, k, v)
+
+
+# ----------------------------------------------------------------------------
+# Forward mode.
+
+
+@pytest.mark.parametrize("implementation", [None, "xla"])
+def test_forward_mode_through_the_custom_vjp_paths_is_jaxs_named_error(implementation):
+  q, k, v = inputs()
+  f = lambda q: jaxdrop.dot_product_attention(
+      q, k, v, dropout_rate=0.3, dropout_key=KEY, implementation=implementation
+  )
+  with pytest.raises(TypeError, match=r"forward-mode autodiff \(jvp\) to a custom_vjp"):
+    jax.jvp(f, (q,), (q,))
+
+
+def test_reference_forward_mode_is_the_transpose_of_xla_reverse_mode():
+  """<J t, c> from the reference's jvp equals <t, J^T c> from "xla"'s custom backward."""
+  q, k, v, bias, mask, causal = case_arrays("full_mask_and_bias")
+  kwargs = dict(is_causal=causal, dropout_rate=0.3, dropout_key=KEY)
+  attend_with = lambda implementation: lambda q, k, v, bias: jaxdrop.dot_product_attention(
+      q, k, v, bias, mask, implementation=implementation, **kwargs
+  )
+  primals = (q, k, v, bias)
+  rng = np.random.default_rng(5)
+  tangents = tuple(jnp.asarray(rng.normal(size=x.shape), x.dtype) for x in primals)
+  _, forward = jax.jvp(attend_with("reference"), primals, tangents)
+  cotangent = jnp.asarray(rng.normal(size=q.shape), q.dtype)
+  _, vjp = jax.vjp(attend_with("xla"), *primals)
+  backward = vjp(cotangent)
+  lhs = jnp.vdot(forward, cotangent)
+  rhs = sum(jnp.vdot(t, g) for t, g in zip(tangents, backward))
+  np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
+
+
+def test_forward_over_reverse_through_xla_equals_reference():
+  q, k, v, bias, mask, causal = case_arrays("causal")
+
+  def hvp(implementation):
+    loss = lambda q: jnp.sum(
+        jaxdrop.dot_product_attention(
+            q, k, v, is_causal=causal, dropout_rate=0.3, dropout_key=KEY,
+            implementation=implementation,
+        ) ** 2
+    )
+    return jax.jvp(jax.grad(loss), (q,), (jnp.cos(q),))[1]
+
+  np.testing.assert_allclose(hvp("xla"), hvp("reference"), rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------

@@ -122,3 +122,58 @@ def test_nnx_module_without_dropout_equals_flax_default():
   first, second = ours(x), ours(x)  # The module's dropout stream advances.
   assert not np.allclose(first, second)
   assert not np.allclose(first, theirs(x))
+
+
+ATTENTION_FNS = {
+    "linen": (jaxdrop.linen.dot_product_attention, nn.dot_product_attention),
+    "nnx": (jaxdrop.nnx.dot_product_attention, nnx.dot_product_attention),
+}
+
+
+@pytest.mark.parametrize("flavour", sorted(ATTENTION_FNS))
+@pytest.mark.parametrize(
+    "query_batch, kv_batch",
+    [((2, 3), (3, 2)), ((2, 1), (1, 1)), ((2,), (1,)), ((2, 3), (6,))],
+)
+def test_query_key_value_batch_dims_must_match_exactly_as_in_flax(flavour, query_batch, kv_batch):
+  ours, flax_fn = ATTENTION_FNS[flavour]
+  q, _, _ = qkv(batch_shape=query_batch)
+  _, k, v = qkv(batch_shape=kv_batch)
+  # linen asserts, nnx raises ValueError.
+  with pytest.raises((AssertionError, ValueError), match="batch dims must match|same rank"):
+    flax_fn(q, k, v, deterministic=True)
+  with pytest.raises(ValueError, match=r"same batch dimensions.*query.shape=.*key.shape="):
+    ours(q, k, v, deterministic=True)
+
+
+@pytest.mark.parametrize("flavour", sorted(ATTENTION_FNS))
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("mask", (3, 1, 1, 6, 6)),  # batch (2, 3) read from the wrong end
+        ("mask", (2, 2, 1, 6, 6)),
+        ("bias", (2, 3, 2, 5, 6)),
+        ("bias", (1, 2, 3, 2, 6, 6)),  # more dimensions than [batch..., N, T, S]
+    ],
+)
+def test_mask_or_bias_that_does_not_broadcast_is_named(flavour, name, shape):
+  ours, _ = ATTENTION_FNS[flavour]
+  q, k, v = qkv(batch_shape=(2, 3))
+  value = jnp.ones(shape, bool) if name == "mask" else jnp.zeros(shape)
+  with pytest.raises(ValueError, match=rf"{name} must broadcast.*{name}.shape="):
+    ours(q, k, v, **{name: value}, deterministic=True)
+
+
+@pytest.mark.parametrize("flavour", sorted(ATTENTION_FNS))
+@pytest.mark.parametrize("shape", [(3, 1, 6, 6), (2, 1, 1, 1, 6), (6, 6), (2, 3, 2, 6, 6)])
+def test_bias_and_mask_that_flax_broadcasts_give_flax_output(flavour, shape):
+  ours, _ = ATTENTION_FNS[flavour]
+  q, k, v = qkv(batch_shape=(2, 3))
+  rng = np.random.default_rng(4)
+  bias = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  mask = jnp.asarray(rng.random(size=shape) > 0.2) | (jnp.arange(6) == 0)  # a key per row
+  # linen broadcasts them; nnx does too with dropout, but without it reshapes
+  # several batch dimensions into one, which a broadcast bias does not survive.
+  expected = nn.dot_product_attention(q, k, v, bias=bias, mask=mask, deterministic=True)
+  out = ours(q, k, v, bias=bias, mask=mask, deterministic=True)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)

@@ -10,6 +10,9 @@ module-scoped fixture.
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,6 +199,32 @@ def test_dead_row_outputs_zero_with_finite_gradients(case_results):
   np.testing.assert_array_equal(np.asarray(d_bias[:, :, 3]), 0)
   for g in grads:
     assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_nan_bias_makes_its_row_nan_even_where_dropout_drops_it():
+  """On a GPU the kernels' max ignores NaN (Triton's maxnumf), so only the NaN softmax sum
+  carries it into a row whose NaN weight dropout drops; the interpreter's max propagates it."""
+  batch, rows, cols, heads, kv_heads, head_dim = 1, 16, 32, 2, 1, 16
+  q, k, v, _ = _inputs(5, batch, rows, cols, heads, kv_heads, head_dim)
+  bias = jnp.zeros((1, heads, rows, cols)).at[0, 0, :, 3].set(jnp.nan)
+  config = base.Config(scale=0.25, is_causal=False, dropout_heads=(batch, heads), fixed_rate=0.5)
+  run = _jit(lambda q, k, v, bias: pt.attention(
+      q, k, v, bias, None, KEY_DATA, None, config, blocks=BLOCKS, interpret=True))
+  out = np.asarray(run(q, k, v, bias))
+  keep = np.asarray(jaxdrop.attention_keep_mask(jax.random.wrap_key_data(KEY_DATA),
+                                                (batch, heads, rows, cols), 0.5))
+  assert not keep[0, 0, :, 3].all()  # some rows drop the NaN weight
+  assert np.all(np.isnan(out[:, :, 0]))
+  assert np.all(np.isfinite(out[:, :, 1]))
+
+
+def test_forward_mode_is_jaxs_named_custom_vjp_error():
+  q, k, v, _ = _inputs(6, 1, 16, 16, 1, 1, 16)
+  config = base.Config(scale=0.25, is_causal=False, dropout_heads=(1, 1), fixed_rate=0.2)
+  f = lambda q: pt.attention(q, k, v, None, None, KEY_DATA, None, config, blocks=BLOCKS,
+                             interpret=True)
+  with pytest.raises(TypeError, match=r"forward-mode autodiff \(jvp\) to a custom_vjp"):
+    _jit(lambda q: jax.jvp(f, (q,), (q,)))(q)
 
 
 # ----------------------------------------------------------------------------
@@ -420,6 +449,77 @@ def test_explicit_pallas_on_an_unsupported_gpu_call_names_the_argument(on_gpu):
   with pytest.raises(ValueError, match="H=512"):
     jaxdrop.dot_product_attention(q, q, q, dropout_rate=0.1, dropout_key=jax.random.key(0),
                                   implementation="pallas")
+
+
+@pytest.mark.parametrize("implementation", [None, "pallas"])
+@pytest.mark.parametrize(
+    "q_shape, kv_shape",
+    [((0, 8, 2, 64), (0, 8, 2, 64)), ((1, 8, 0, 64), (1, 8, 0, 64)), ((1, 0, 2, 64), (1, 8, 2, 64)),
+     ((1, 8, 2, 64), (1, 0, 2, 64)), ((1, 8, 2, 0), (1, 8, 2, 0))],
+    ids=["B", "N_and_K", "T", "S", "H"],
+)
+def test_zero_sizes_on_a_gpu_give_zeros_without_the_kernels(
+    on_gpu, implementation, q_shape, kv_shape):
+  chosen = on_gpu("cuda 12080")
+  q, kv = jnp.ones(q_shape, jnp.bfloat16), jnp.ones(kv_shape, jnp.bfloat16)
+  out = jaxdrop.dot_product_attention(q, kv, kv, dropout_rate=0.1, dropout_key=jax.random.key(0),
+                                      implementation=implementation)
+  np.testing.assert_array_equal(out, jnp.zeros(q_shape))
+  assert chosen == []
+
+
+@pytest.fixture
+def without_jax_triton(monkeypatch):
+  """Makes ``import jax.experimental.pallas.triton`` fail, as once jax drops the backend."""
+  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+
+
+def test_without_jax_triton_none_picks_xla_and_pallas_is_named(on_gpu, without_jax_triton):
+  chosen = on_gpu("cuda 12080")
+  q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+  kwargs = dict(dropout_rate=0.1, dropout_key=jax.random.key(0))
+  jaxdrop.dot_product_attention(q, q, q, **kwargs)
+  assert chosen == ["xla"]
+  with pytest.raises(ValueError, match=r"'pallas' needs jax.experimental.pallas.triton"):
+    jaxdrop.dot_product_attention(q, q, q, implementation="pallas", **kwargs)
+
+
+JAX_TRITON_DEPRECATION = (
+    "The Pallas Triton backend is deprecated and will be removed in a future JAX version. To keep "
+    "using Pallas on GPU, please migrate to the Mosaic GPU backend."
+)
+
+
+def _warn_when_lowering(monkeypatch) -> list[str]:
+  """Makes the attention's runner warn as jax >= 0.11 does when it lowers Triton kernels."""
+  from jaxdrop._attention import api
+
+  messages = [JAX_TRITON_DEPRECATION]
+
+  def run(q, *args, implementation, config):
+    for message in messages:
+      warnings.warn(message, DeprecationWarning, stacklevel=2)
+    return q
+
+  monkeypatch.setattr(api, "_run", run)
+  return messages
+
+
+def test_triton_deprecation_is_ignored_only_while_jaxdrop_lowers_its_kernels(
+    on_gpu, monkeypatch):
+  on_gpu("cuda 12080")
+  messages = _warn_when_lowering(monkeypatch)
+  q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+  kwargs = dict(dropout_rate=0.1, dropout_key=jax.random.key(0))
+  filters = list(warnings.filters)
+  jaxdrop.dot_product_attention(q, q, q, **kwargs)  # "pallas": no warning
+  jaxdrop.dot_product_attention(q, q, q, implementation="pallas", **kwargs)
+  assert warnings.filters == filters
+  with pytest.raises(DeprecationWarning, match="Pallas Triton backend is deprecated"):
+    jaxdrop.dot_product_attention(q, q, q, implementation="xla", **kwargs)
+  messages[:] = ["another deprecation"]
+  with pytest.raises(DeprecationWarning, match="another deprecation"):
+    jaxdrop.dot_product_attention(q, q, q, implementation="pallas", **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
 import numbers
 from functools import partial
@@ -41,12 +43,20 @@ def _check_qkv(query, key, value) -> tuple[jax.Array, jax.Array, jax.Array]:
         f"query [B, T, N, H] and key [B, S, K, H] must agree on B and H, got "
         f"query.shape={q.shape} and key.shape={k.shape}"
     )
-  if q.shape[2] % k.shape[2]:
+  heads, kv_heads = q.shape[2], k.shape[2]
+  if (heads % kv_heads) if kv_heads else heads:  # 0 divides only 0.
     raise ValueError(
         f"the key/value heads K must divide the query heads N, got N={q.shape[2]} "
         f"and K={k.shape[2]}"
     )
   return q, k, v
+
+
+def broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+  """Whether ``shape`` broadcasts to ``target`` without adding dimensions to it."""
+  return len(shape) <= len(target) and all(
+      size in (1, full) for size, full in zip(shape[::-1], target[::-1])
+  )
 
 
 def _check_broadcastable(x, name: str, target: tuple[int, ...], boolean: bool) -> jax.Array | None:
@@ -61,9 +71,7 @@ def _check_broadcastable(x, name: str, target: tuple[int, ...], boolean: bool) -
     raise TypeError(f"{name} must be a bool array (True = may attend), got {name}.dtype={x.dtype}")
   if not boolean and not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"{name} must have a floating dtype, got {name}.dtype={x.dtype}")
-  if x.ndim > 4 or any(
-      size not in (1, full) for size, full in zip(x.shape[::-1], target[::-1])
-  ):
+  if not broadcasts(x.shape, target):
     raise ValueError(
         f"{name} must broadcast to [B, N, T, S] = {list(target)}, got {name}.shape={x.shape}"
     )
@@ -71,10 +79,18 @@ def _check_broadcastable(x, name: str, target: tuple[int, ...], boolean: bool) -
 
 
 def _check_scale(scale, head_dim: int) -> float:
+  """The static score scale; ``H = 0`` (an empty output) takes 1."""
   if scale is None:
-    return 1 / math.sqrt(head_dim)
+    return 1 / math.sqrt(head_dim) if head_dim else 1.0
+  if isinstance(scale, jax.Array):
+    raise TypeError(
+        f"scale must be a Python float or None, got a jax array scale={scale!r}: the scale is "
+        "static (compiled into the kernels). For a traced scale s, pass query * s and scale=1.0."
+    )
   if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (numbers.Real, np.floating)):
     raise TypeError(f"scale must be a Python float or None, got scale={scale!r}")
+  if not math.isfinite(scale):
+    raise ValueError(f"scale must be finite, got scale={float(scale)!r}")
   return float(scale)
 
 
@@ -98,11 +114,47 @@ def _key_data(dropout_key, rate) -> jax.Array:
   return mask_lib.threefry_key_data(dropout_key)
 
 
+_TRITON = "jax.experimental.pallas.triton"
+
+
 def _pallas():
-  # Imported on first use: Pallas is a heavy import that only GPUs need.
+  """The Pallas Triton kernels, or None where this jax no longer ships its Triton backend.
+
+  Imported on first use: Pallas is a heavy import that only GPUs need.
+  """
+  try:
+    importlib.import_module(_TRITON)
+  except ImportError:
+    return None
   from jaxdrop._attention import pallas_triton
 
   return pallas_triton
+
+
+def _check_pallas(q, k, v, bias, mask, config: base.Config) -> None:
+  """Raises where an explicit ``implementation="pallas"`` cannot run."""
+  kernels = _pallas()
+  if kernels is None:
+    raise ValueError(
+        f"implementation='pallas' needs {_TRITON} (the Pallas Triton backend), which jax "
+        f"{jax.__version__} does not provide; use implementation='xla' or None"
+    )
+  reason = kernels.unsupported_reason(q, k, v, bias, mask, config)
+  if reason is not None:
+    raise ValueError(reason)
+
+
+def _lowering(implementation: str):
+  """The context of ``_run``: for "pallas", jax's Triton deprecation warning ignored.
+
+  jax >= 0.11 warns that its Triton backend is deprecated whenever it lowers
+  a Triton kernel. Called outside a jit, ``_run`` lowers the kernels inside
+  this context; inside a caller's jit, jax lowers them when that jit compiles,
+  after this call has returned, out of jaxdrop's reach (docs/attention.md).
+  """
+  if implementation == "pallas":
+    return _pallas().triton_deprecation_ignored()
+  return contextlib.nullcontext()
 
 
 def _on_cuda_gpu() -> bool:
@@ -116,11 +168,15 @@ def _best_implementation(q, k, v, bias, mask, config: base.Config) -> str:
   """``implementation=None``: "pallas" on NVIDIA GPUs where its kernels take the call, else "xla".
 
   On an H100 the kernels ran 4x faster than "xla" with dropout, in 1/200 of
-  its memory (BENCHMARKS.md); they are measured on NVIDIA GPUs only.
+  its memory (BENCHMARKS.md); they are measured on NVIDIA GPUs only. Where
+  jax no longer ships its Triton backend, "xla".
   """
-  if _on_cuda_gpu() and _pallas().unsupported_reason(q, k, v, bias, mask, config) is None:
-    return "pallas"
-  return "xla"
+  if not _on_cuda_gpu():
+    return "xla"
+  kernels = _pallas()
+  if kernels is None or kernels.unsupported_reason(q, k, v, bias, mask, config) is not None:
+    return "xla"
+  return "pallas"
 
 
 @partial(jax.jit, static_argnames=("implementation", "config"))
@@ -137,12 +193,12 @@ def _without_dropout(q, k, v, bias, mask, scale, is_causal) -> jax.Array:
 
   A bias of -inf excludes a position as the mask does (the other paths' softmax
   gives it weight 0), so it joins the mask: jax.nn would turn a row of them
-  into NaN.
+  into NaN. A NaN bias stays and makes its row NaN, as on the other paths.
   """
   if bias is not None:
-    finite = bias > -jnp.inf
-    mask = finite if mask is None else mask & finite
-    bias = jnp.where(finite, bias, 0).astype(q.dtype)
+    excluded = bias == -jnp.inf
+    mask = ~excluded if mask is None else mask & ~excluded
+    bias = jnp.where(excluded, 0, bias).astype(q.dtype)
   out = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, is_causal=is_causal)
   if mask is None:
     return out  # Every row may attend s = 0 at least.
@@ -189,8 +245,6 @@ def attention(
   deterministic = _dropout.check_deterministic(deterministic)
   implementation = _check_implementation(implementation)
   if deterministic or fixed == 0.0:
-    if implementation is None and precision is None:
-      return _without_dropout(q, k, v, bias, mask, scale, bool(is_causal))
     fixed, key_data, rate = 0.0, None, None
   elif fixed == 1.0:
     return jnp.zeros_like(q)  # Every weight dropped.
@@ -198,6 +252,12 @@ def attention(
     key_data = _key_data(dropout_key, dropout_rate)
     mask_lib.check_size(rows, cols)
     rate = None if fixed is not None else dropout_rate
+  if q.size == 0 or cols == 0:
+    # Nothing to compute, or no key to attend (every row outputs 0, as a row
+    # with no allowed position): no implementation needed, with or without dropout.
+    return jnp.zeros_like(q)
+  if fixed == 0.0 and implementation is None and precision is None:
+    return _without_dropout(q, k, v, bias, mask, scale, bool(is_causal))
   config = base.Config(
       scale=scale,
       is_causal=bool(is_causal),
@@ -208,10 +268,9 @@ def attention(
   if implementation is None:
     implementation = _best_implementation(q, k, v, bias, mask, config)
   elif implementation == "pallas":
-    reason = _pallas().unsupported_reason(q, k, v, bias, mask, config)
-    if reason is not None:
-      raise ValueError(reason)
-  return _run(q, k, v, bias, mask, key_data, rate, implementation=implementation, config=config)
+    _check_pallas(q, k, v, bias, mask, config)
+  with _lowering(implementation):
+    return _run(q, k, v, bias, mask, key_data, rate, implementation=implementation, config=config)
 
 
 def dot_product_attention(
@@ -238,7 +297,12 @@ def dot_product_attention(
   :func:`jaxdrop.attention_keep_mask` ``(dropout_key, (B, N, T, S),
   dropout_rate)``, the same for every implementation, block size and
   sharding; it is never materialized by ``"xla"``. A query row with no
-  allowed position outputs 0 (with finite gradients).
+  allowed position outputs 0 (with finite gradients), and so does every row
+  when ``S = 0``; any other zero size gives an empty output. A NaN in
+  ``bias`` at an allowed position makes its query row NaN, as in ``jax.nn``.
+  Differentiate it in reverse mode (``jax.grad``, ``jax.vjp``; forward over
+  reverse works too): ``"xla"`` and ``"pallas"`` are ``custom_vjp`` functions,
+  which ``jax.jvp`` refuses; ``"reference"`` supports both modes.
 
   Args:
     query: ``[B, T, N, H]``.
@@ -248,7 +312,9 @@ def dot_product_attention(
     bias: a float array broadcastable to ``[B, N, T, S]``, added to the
       scaled scores; it receives a gradient.
     mask: a bool array broadcastable to ``[B, N, T, S]``; True = may attend.
-    scale: the score scale; ``1 / sqrt(H)`` by default.
+    scale: the score scale, a finite Python float fixed at trace time;
+      ``1 / sqrt(H)`` by default. For a traced scale ``s``, pass
+      ``query * s`` and ``scale=1.0``.
     is_causal: if True, query ``t`` attends only keys ``s <= t``.
     dropout_rate: probability to drop each attention weight: a float in
       [0, 1], fixed at trace time, or a scalar array that may be traced (no
@@ -257,10 +323,11 @@ def dot_product_attention(
     dropout_key: a threefry PRNG key; needed while dropout is active.
     deterministic: if True, no dropout (evaluation); no key is needed.
     implementation: ``None`` (the best available: ``"pallas"`` on NVIDIA
-      GPUs where its kernels support the call, else ``"xla"``), ``"xla"``
-      (blockwise: the flash-attention algorithm in ``jax.numpy``, memory
-      linear in ``T``), ``"pallas"`` (fused Triton kernels for NVIDIA GPUs;
-      an unsupported call raises ``ValueError`` naming the argument) or
+      GPUs where jax ships its Pallas Triton backend and the kernels support
+      the call, else ``"xla"``), ``"xla"`` (blockwise: the flash-attention
+      algorithm in ``jax.numpy``, memory linear in ``T``), ``"pallas"``
+      (fused Triton kernels for NVIDIA GPUs; an unsupported call raises
+      ``ValueError`` naming the argument) or
       ``"reference"`` (materializes every ``[B, N, T, S]`` array; the
       oracle). Without dropout, ``None`` calls
       ``jax.nn.dot_product_attention``.
@@ -270,9 +337,10 @@ def dot_product_attention(
 
   Raises:
     ValueError: shapes that do not fit the layout; a static rate outside
-      [0, 1]; active dropout without a key; an unknown implementation.
-    TypeError: non-floating inputs or bias, a non-bool mask, a non-threefry
-      or malformed key.
+      [0, 1]; a non-finite scale; active dropout without a key; an unknown
+      or unavailable implementation.
+    TypeError: non-floating inputs or bias, a non-bool mask, a scale that is
+      not a Python float (a jax array), a non-threefry or malformed key.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxdrop

@@ -120,7 +120,7 @@ def reference(q, k, v, bias, mask, key_data, rate, config: Config) -> jax.Array:
   top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   weights = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0))
   total = jnp.sum(weights, axis=-1, keepdims=True)
-  probs = weights / jnp.where(total > 0, total, 1)
+  probs = weights / jnp.where(total == 0, 1, total)  # A NaN total (bias) stays NaN.
   if config.dropout:
     resolved = config.resolve(rate)
     heads_b, heads_n = config.dropout_heads

@@ -24,19 +24,41 @@ _MATERIALIZES = (
 )
 
 
-def _flat_batch(x: jax.Array | None, batch_shape: tuple[int, ...]) -> jax.Array | None:
-  """``[batch..., N, T, S]`` (or fewer leading dims) as ``[b, N, T, S]``, b in {1, prod(batch)}."""
+def _flat_batch(x: jax.Array | None, name: str, target: tuple[int, ...]) -> jax.Array | None:
+  """``x``, broadcastable to ``target = [batch..., N, T, S]``, as ``[b, N|1, T|1, S|1]``.
+
+  ``b`` is 1 where ``x`` broadcasts over every batch dimension, else ``prod(batch)``.
+  """
   if x is None:
     return None
   x = jnp.asarray(x)
-  full = len(batch_shape) + 3
-  if x.ndim < full:
-    x = x.reshape((1,) * (full - x.ndim) + x.shape)
-  leading = x.shape[: len(batch_shape)]
-  if all(size == 1 for size in leading):
-    return x.reshape((1,) + x.shape[len(batch_shape):])
-  x = jnp.broadcast_to(x, batch_shape + x.shape[len(batch_shape):])
-  return x.reshape((-1,) + x.shape[len(batch_shape):])
+  if not api.broadcasts(x.shape, target):
+    raise ValueError(
+        f"{name} must broadcast to [batch..., N, T, S] = {list(target)}, got "
+        f"{name}.shape={x.shape}"
+    )
+  x = x.reshape((1,) * (len(target) - x.ndim) + x.shape)
+  batch_shape = target[:-3]
+  if all(size == 1 for size in x.shape[:-3]):
+    return x.reshape((1,) + x.shape[-3:])
+  x = jnp.broadcast_to(x, batch_shape + x.shape[-3:])
+  return x.reshape((-1,) + x.shape[-3:])
+
+
+def _check_batch(query, key, value) -> tuple[int, ...]:
+  """The batch dimensions, which query, key and value must share exactly (as flax asks)."""
+  if query.ndim < 3:
+    raise ValueError(f"query must be [batch..., T, N, H], got query.shape={query.shape}")
+  batch_shape = query.shape[:-3]
+  if not key.ndim == value.ndim == query.ndim or not (
+      key.shape[:-3] == value.shape[:-3] == batch_shape
+  ):
+    raise ValueError(
+        "query, key and value must have the same batch dimensions [batch...] (flax's "
+        f"attention requires it too), got query.shape={query.shape}, key.shape={key.shape} "
+        f"and value.shape={value.shape}"
+    )
+  return batch_shape
 
 
 def _flax_attention(
@@ -46,19 +68,19 @@ def _flax_attention(
   if module is not None:
     raise ValueError(_MATERIALIZES.format(what="sow_weights=True", fix="sow_weights=False"))
   query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-  if query.ndim < 3:
-    raise ValueError(f"query must be [batch..., T, N, H], got query.shape={query.shape}")
-  batch_shape = query.shape[:-3]
+  batch_shape = _check_batch(query, key, value)
   flat = (math.prod(batch_shape),)
+  # [batch..., N, T, S]
+  target = batch_shape + (query.shape[-2], query.shape[-3], key.shape[-3])
 
   def flatten(x):  # [batch..., L, heads, H] -> [b, L, heads, H]
     return x.reshape(flat + x.shape[len(batch_shape):])
 
   out = api.attention(
       flatten(query), flatten(key), flatten(value),
-      _flat_batch(bias, batch_shape),
+      _flat_batch(bias, "bias", target),
       # flax masks are often float 0/1 (nn.make_causal_mask); flax attends where nonzero.
-      None if mask is None else _flat_batch(jnp.asarray(mask) != 0, batch_shape),
+      None if mask is None else _flat_batch(jnp.asarray(mask) != 0, "mask", target),
       is_causal=is_causal,
       dropout_rate=dropout_rate,
       dropout_key=dropout_rng,
@@ -99,7 +121,8 @@ def linen_dot_product_attention(
 
   Args:
     query: ``[batch..., T, N, H]``.
-    key: ``[batch..., S, K, H]`` (K dividing N).
+    key: ``[batch..., S, K, H]`` (K dividing N), with the query's batch
+      dimensions exactly, as flax requires.
     value: ``[batch..., S, K, H]``.
     bias: broadcastable to ``[batch..., N, T, S]``.
     mask: bool, broadcastable to ``[batch..., N, T, S]``; True = may attend.

@@ -47,8 +47,10 @@ log-sum-exp is ``log2``-based; only these kernels read it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -70,6 +72,23 @@ _MIN_BLOCK = 16  # Triton's dot needs 16 rows and columns.
 _MAX_HEAD_DIM = 256  # The forward keeps a (bq, H) float32 accumulator in registers.
 # Named TritonCompilerParams in older jax releases.
 _COMPILER_PARAMS = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+
+# jax >= 0.11 warns with this whenever it lowers a Triton kernel.
+TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
+
+
+@contextlib.contextmanager
+def triton_deprecation_ignored():
+  """Ignores jax's deprecation warning of its Triton backend, and only it, inside the block.
+
+  jaxdrop keeps these kernels while jax ships the backend and falls back to
+  "xla" once it is gone (docs/attention.md): the warning gives jaxdrop's users
+  nothing to act on.
+  """
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
+    yield
 
 
 class BlockSizes(NamedTuple):
@@ -282,13 +301,13 @@ def _forward_kernel(*refs, st: _Static, names: tuple[str, ...]):
   )
   stop = _causal_stop(st, q_block, bq, bk, st.cols_p // bk)
   acc, top, total = lax.fori_loop(0, stop, body, init)
-  has_any = total > 0
-  safe_total = jnp.where(has_any, total, 1.0)
+  empty = total == 0  # not NaN: a NaN bias makes its row NaN
+  safe_total = jnp.where(empty, 1.0, total)
   out = acc / safe_total[:, None]
   if st.dropout:
     out = out * r["dscale"][()]
   r["out"][...] = out.astype(r["out"].dtype)
-  r["lse"][...] = jnp.where(has_any, top + jnp.log2(safe_total), jnp.inf)
+  r["lse"][...] = jnp.where(empty, jnp.inf, top + jnp.log2(safe_total))
 
 
 def _dq_kernel(*refs, st: _Static, names: tuple[str, ...]):

@@ -188,11 +188,12 @@ def _forward(layout, config, q, k, v, bias, mask, key_data, rate):
         base.full_like(q_tile, 0, _F32),
     )
     top, total, acc = jax.lax.fori_loop(0, _k_block_range(layout, config, q_index), k_step, init)
-    has_any = total > 0
-    out = acc / jnp.where(has_any, total, 1)[..., None]
+    empty = total == 0  # not NaN: a NaN bias makes its row NaN
+    safe_total = jnp.where(empty, 1, total)
+    out = acc / safe_total[..., None]
     if resolved is not None:
       out = out * resolved.scale
-    lse = jnp.where(has_any, top + jnp.log(jnp.where(has_any, total, 1)), jnp.inf)
+    lse = jnp.where(empty, jnp.inf, top + jnp.log(safe_total))
     return out.astype(q.dtype), lse
 
   out, lse = jax.lax.map(q_block, jnp.arange(layout.num_q_blocks))
