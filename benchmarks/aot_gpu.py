@@ -17,7 +17,7 @@ present). It reports what a compile fixes, never a time:
   (3) the Pallas kernels through XLA's own Triton pipeline for each covered
       case (the Pallas interpreter and Triton-IR lowering on CPU do not run
       Triton's passes, where a layout once exhausted host memory);
-  (4) the fast-mode elementwise kernel (``jaxdrop._pallas_dropout``), the same;
+  (4) the fast-mode elementwise kernel (``benchmarks/pallas_dropout.py``), the same;
   (5) ``bench.py``'s bf16 transformer train step at issue 10's GPU shape
       (2 blocks, batch 16, T 1024, width 1024, 16 heads): temp memory and
       kernel launches.
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench  # noqa: E402 - benchmarks/bench.py: the train steps it times on a GPU
 import jaxdrop  # noqa: E402
-from jaxdrop import _pallas_dropout  # noqa: E402
+import pallas_dropout as _pallas_dropout  # noqa: E402  (benchmarks/pallas_dropout.py)
 from jaxdrop._attention import pallas_triton  # noqa: E402
 
 # The device description XLA compiles against (an H100 SXM, as reported by one).

@@ -56,7 +56,7 @@ if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))  # Run from a checkout without installing.
 
 import jaxdrop  # noqa: E402
-from jaxdrop import _pallas_dropout  # noqa: E402
+import pallas_dropout as _pallas_dropout  # noqa: E402  (benchmarks/pallas_dropout.py)
 
 try:
   import equinox as eqx
@@ -133,7 +133,7 @@ def gpu_rows(cfg: Config) -> bool:
 
 
 class PallasFastDropout(nn.Module):
-  """The fast mode as one Pallas kernel (``jaxdrop._pallas_dropout``) in a linen Dropout's place."""
+  """The fast mode as one Pallas kernel (``benchmarks/pallas_dropout.py``) in a linen Dropout's place."""
 
   rate: float
   deterministic: bool = False

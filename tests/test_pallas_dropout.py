@@ -1,6 +1,12 @@
-"""The Pallas fast-mode kernel, in the Pallas interpreter, against jaxdrop.dropout(bits=16)."""
+"""The Pallas fast-mode kernel, in the Pallas interpreter, against jaxdrop.dropout(bits=16).
+
+The kernel is a benchmark prototype (``benchmarks/pallas_dropout.py``), not part of the package.
+"""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +15,9 @@ import pytest
 from conftest import cuda_lowering
 
 import jaxdrop
-from jaxdrop import _pallas_dropout as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import pallas_dropout as pd  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 KEY = jax.random.key(21)
 BLOCK = 256  # small programs, so that the tests cover many of them and a tail
