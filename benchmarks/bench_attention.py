@@ -1,7 +1,8 @@
 """Benchmarks attention dropout: jaxdrop's blockwise path against flax and jax.nn.
 
-Everything runs in one process, jitted, compilation excluded, the variants
-interleaved (see ``bench.interleaved``), medians reported. Two tables:
+Timed with ``common.interleaved`` (its module docstring has the method:
+compilation excluded, the variants taking turns, a warm-up call before each
+sample, medians). Two tables:
 
 1. attention alone, forward and forward+backward (``grad`` of
    ``sum(out * w)`` for query, key and value), with the compiled temp memory
@@ -15,21 +16,18 @@ interleaved (see ``bench.interleaved``), medians reported. Two tables:
 
 Usage (from the repository root):
   python benchmarks/bench_attention.py                # CPU: B 1, N 8, T = S = 2048, H 64, f32
-  python benchmarks/bench_attention.py --quick        # smoke run
-  python benchmarks/bench_attention.py --json attention.json
-The GPU measurements (with the Pallas kernel and cuDNN) are in
-``benchmarks/gpu_attention_check.py``.
+  python benchmarks/bench_attention.py --quick        # smoke run (writes nothing)
+A full run writes ``benchmarks/results/bench_attention-<backend>.json`` (or
+``--json PATH``). The GPU measurements (with the Pallas kernel and cuDNN) are
+in ``benchmarks/gpu_attention_check.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import statistics
-import sys
+import functools
 from collections.abc import Callable
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -37,12 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Run from a checkout.
-
-import bench  # noqa: E402  (the shared timing and metadata helpers)
-
-import jaxdrop  # noqa: E402
+import common
+import jaxdrop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +90,6 @@ def forward_backward(fn: Callable) -> Callable:
   return lambda q, k, v, key, w: jax.grad(loss, argnums=(0, 1, 2))(q, k, v, key, w)
 
 
-def temp_bytes(fn: Callable, args: tuple) -> int:
-  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
-
-
 def bench_attention(cfg: Config) -> list[dict]:
   shape = (cfg.batch, cfg.length, cfg.heads, cfg.head_dim)
   rng = np.random.default_rng(0)
@@ -109,14 +99,14 @@ def bench_attention(cfg: Config) -> list[dict]:
   variants = attention_variants(cfg.rate)
   forward = {name: jax.jit(fn) for name, fn in variants.items()}
   both = {name: jax.jit(forward_backward(fn)) for name, fn in variants.items()}
-  forward_s = bench.interleaved(forward, (q, k, v, key), cfg.repeats, cfg.min_sample_s)
-  both_s = bench.interleaved(both, (q, k, v, key, w), cfg.repeats, cfg.min_sample_s)
+  forward_s = common.interleaved(forward, (q, k, v, key), cfg.repeats, cfg.min_sample_s)
+  both_s = common.interleaved(both, (q, k, v, key, w), cfg.repeats, cfg.min_sample_s)
   return [
       {
           "variant": name,
-          "forward_ms": 1e3 * statistics.median(forward_s[name]),
-          "forward_backward_ms": 1e3 * statistics.median(both_s[name]),
-          "temp_bytes": temp_bytes(forward_backward(fn), (q, k, v, key, w)),
+          "forward_ms": common.median_ms(forward_s[name]),
+          "forward_backward_ms": common.median_ms(both_s[name]),
+          "temp_bytes": common.temp_bytes(forward_backward(fn), (q, k, v, key, w)),
       }
       for name, fn in variants.items()
   ]
@@ -132,7 +122,7 @@ def bench_block(cfg: Config) -> list[dict]:
       "jaxdrop.linen.dot_product_attention": jaxdrop.linen.dot_product_attention,
   }.items():
     # Dropout on the attention weights and on both residual branches.
-    model = bench.Block(cfg.block_heads, cfg.rate, attention_fn=fn, attention_dropout=True,
+    model = common.Block(cfg.block_heads, cfg.rate, attention_fn=fn, attention_dropout=True,
                         hidden_dropout=False, causal=True)
     params = model.init(jax.random.key(2), x, train=False)["params"]
 
@@ -147,20 +137,15 @@ def bench_block(cfg: Config) -> list[dict]:
 
     steps[name] = jax.jit(step)
     states[name] = (params, tx.init(params))
-  samples = {}
-  for name in steps:  # Each step reads its own parameters.
-    params, opt_state = states[name]
-    samples.update(
-        bench.interleaved(
-            {name: steps[name]}, (params, opt_state, x, jax.random.key(3)),
-            cfg.repeats, cfg.min_sample_s,
-        )
-    )
+  # Each step reads its own parameters: the timed functions take no arguments.
+  calls = {name: functools.partial(steps[name], *states[name], x, jax.random.key(3))
+           for name in steps}
+  samples = common.interleaved(calls, (), cfg.repeats, cfg.min_sample_s)
   return [
       {
           "variant": name,
-          "step_ms": 1e3 * statistics.median(samples[name]),
-          "temp_bytes": temp_bytes(steps[name], (*states[name], x, jax.random.key(3))),
+          "step_ms": common.median_ms(samples[name]),
+          "temp_bytes": common.temp_bytes(steps[name], (*states[name], x, jax.random.key(3))),
       }
       for name in steps
   ]
@@ -193,18 +178,18 @@ def print_tables(cfg: Config, attention: list[dict], block: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
-  parser.add_argument("--json", type=Path, help="also write the results here")
+  parser.add_argument("--json", help="write the results here (default: a full run writes "
+                      "benchmarks/results/bench_attention-<backend>.json; --quick nothing)")
   args = parser.parse_args(argv)
   cfg = Config(**QUICK) if args.quick else Config()
   results = {
       "config": dataclasses.asdict(cfg),
-      "meta": bench.metadata(),
+      "meta": common.metadata(),
       "attention": bench_attention(cfg),
       "block": bench_block(cfg),
   }
   print_tables(cfg, results["attention"], results["block"])
-  if args.json:
-    args.json.write_text(json.dumps(results, indent=1))
+  common.write_json(common.results_path(args.json, "bench_attention", not args.quick), results)
   return results
 
 

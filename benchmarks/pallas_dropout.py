@@ -12,9 +12,10 @@ two two-way joins and a reshape, as the attention kernels lay out their bytes.
 The result is bit for bit :func:`jaxdrop.dropout` with ``bits=16`` (the tests
 check it in the Pallas interpreter), and its gradient applies the same kernel
 to the cotangent (a ``custom_vjp``: reverse mode only). It is not part of the
-public API: whether it beats the XLA path once its input can no longer fuse
-with the producer has to be measured on a GPU first (``benchmarks/bench.py
---platform gpu`` has its rows).
+library: nothing chooses it, since on an H100 it lost to the XLA path in train
+steps, where its input can no longer fuse with the layer before it
+(docs/performance.md). ``bench.py`` times it on a GPU (its ``pallas kernel
+bits=16`` rows).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxdrop import _dropout
-from jaxdrop import _threefry
+import common  # noqa: F401 -- puts the checkout on sys.path
+from jaxdrop import _dropout, _threefry
 
 _U32 = jnp.uint32
 _COMPILER_PARAMS = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
@@ -133,3 +135,16 @@ def dropout16(
   resolved = _dropout.resolve_rate(rate, x.dtype, 16)
   y = _dropout16(key_data, x, resolved, block, bool(interpret))
   return jax.ad_checkpoint.checkpoint_name(y, _dropout.CHECKPOINT_NAME)
+
+
+class Dropout(nn.Module):
+  """``dropout16`` in a linen Dropout's place (``bench.py``'s train steps)."""
+
+  rate: float
+  deterministic: bool = False
+  interpret: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    key = None if self.deterministic else self.make_rng("dropout")
+    return dropout16(key, x, self.rate, self.deterministic, interpret=self.interpret)

@@ -1,0 +1,106 @@
+"""Checks the timer: each variant timed among the others against the same call timed alone.
+
+``common.interleaved`` times functions in turns, as every table does;
+``common.alone`` times one function by itself, one waited-for call per sample.
+If the harness measures what it claims, the two medians agree for every row.
+This script times the rows of ``bench.py`` (all variants, fwd and fwd+bwd) and
+of ``bench_attention.py`` (attention alone) both ways and prints the ratio
+harness / alone; it records, it does not judge. A full run writes
+``benchmarks/results/check_harness-<backend>.json`` (or ``--json PATH``).
+
+Usage (from the repository root):
+  python benchmarks/check_harness.py                  # 2^24 float32, rates 0.1 0.5; attention
+  python benchmarks/check_harness.py --quick          # small, seconds (writes nothing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bench
+import bench_attention
+import common
+
+
+def _compare(fns: dict, args: tuple, repeats: int, min_sample_s: float) -> list[dict]:
+  among = common.interleaved(fns, args, repeats, min_sample_s)
+  rows = []
+  for name, fn in fns.items():
+    by_itself = common.alone(fn, args, repeats)
+    harness_ms, alone_ms = common.median_ms(among[name]), common.median_ms(by_itself)
+    rows.append(dict(variant=name, harness_ms=harness_ms, alone_ms=alone_ms,
+                     ratio=harness_ms / alone_ms))
+  return rows
+
+
+def elementwise(log2_size: int, dtype: str, rates: tuple[float, ...], repeats: int,
+                min_sample_s: float) -> list[dict]:
+  n = 2**log2_size
+  key = jax.random.key(0)
+  x = jax.random.normal(jax.random.key(1), (n,), jnp.float32).astype(dtype)
+  w = jax.random.normal(jax.random.key(2), (n,), jnp.float32).astype(dtype)
+  records = []
+  for rate in rates:
+    variants = bench.variants(rate, bench.Config(gpu_rows=False))
+    for mode, wrap, args in (("fwd", lambda f: f, (key, x)),
+                             ("fwd+bwd", bench.forward_backward, (key, x, w))):
+      fns = {name: jax.jit(wrap(fn)) for name, fn in variants.items()}
+      for row in _compare(fns, args, repeats, min_sample_s):
+        records.append(dict(log2_size=log2_size, dtype=dtype, rate=rate, mode=mode, **row))
+  return records
+
+
+def attention(cfg: bench_attention.Config) -> list[dict]:
+  shape = (cfg.batch, cfg.length, cfg.heads, cfg.head_dim)
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=shape), cfg.dtype) for _ in range(3))
+  w = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  key = jax.random.key(0)
+  variants = bench_attention.attention_variants(cfg.rate)
+  records = []
+  for mode, wrap, args in (("fwd", lambda f: f, (q, k, v, key)),
+                           ("fwd+bwd", bench_attention.forward_backward, (q, k, v, key, w))):
+    fns = {name: jax.jit(wrap(fn)) for name, fn in variants.items()}
+    records += [dict(mode=mode, **row)
+                for row in _compare(fns, args, cfg.repeats, cfg.min_sample_s)]
+  return records
+
+
+def _print(title: str, rows: list[dict]) -> None:
+  print(f"\n{title}\n  {'variant':<52}{'mode':>8}{'harness ms':>12}{'alone ms':>10}{'ratio':>7}")
+  for r in rows:
+    print(f"  {r['variant']:<52}{r['mode']:>8}{r['harness_ms']:12.4g}{r['alone_ms']:10.4g}"
+          f"{r['ratio']:7.2f}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="2^20, rate 0.5, small attention")
+  parser.add_argument("--no-attention", action="store_true", help="the elementwise rows only")
+  parser.add_argument("--json", help="write the results here (default: a full run writes "
+                      "benchmarks/results/check_harness-<backend>.json; --quick nothing)")
+  args = parser.parse_args(argv)
+  log2, rates, repeats = (20, (0.5,), 3) if args.quick else (24, (0.1, 0.5), 7)
+  attention_cfg = (bench_attention.Config(**bench_attention.QUICK) if args.quick
+                   else bench_attention.Config())
+  min_sample_s = 0.02 if jax.default_backend() == "cpu" else 0.01
+  results = dict(meta=common.metadata(), elementwise=[], attention=[])
+  path = common.results_path(args.json, "check_harness", not args.quick)
+  results["elementwise"] = elementwise(log2, "float32", rates, repeats, min_sample_s)
+  _print(f"Elementwise, 2^{log2} float32 (bench.py's variants)", results["elementwise"])
+  common.write_json(path, results)
+  if not args.no_attention:
+    results["attention_config"] = dataclasses.asdict(attention_cfg)
+    results["attention"] = attention(attention_cfg)
+    _print("Attention (bench_attention.py's variants)", results["attention"])
+    common.write_json(path, results)
+  return results
+
+
+if __name__ == "__main__":
+  main()
