@@ -42,7 +42,8 @@ from jax.experimental import topologies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench  # noqa: E402 - benchmarks/bench.py: the train steps it times on a GPU
+import bench  # noqa: E402 - benchmarks/bench.py: the models it times on a GPU
+import common  # noqa: E402 - benchmarks/common.py: losses and the train step
 import jaxdrop  # noqa: E402
 import pallas_dropout as _pallas_dropout  # noqa: E402  (benchmarks/pallas_dropout.py)
 from jaxdrop._attention import pallas_triton  # noqa: E402
@@ -138,7 +139,7 @@ def step_cost(model: nn.Module, batch, loss_of) -> tuple[float, int]:
   tx = optax.adam(1e-3)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch[0], train=False)["params"])
   opt_state = jax.eval_shape(tx.init, params)
-  step = bench.make_train_step(model, tx, loss_of)
+  step = common.make_train_step(model, tx, loss_of)
   with h100_context():
     lowered = step.lower(*on_h100((params, opt_state, batch, jax.random.key(0))))
   compiled = lowered.compile()
@@ -157,7 +158,7 @@ def mlp_table() -> None:
     print(f"{title}, float32, Adam, donated: temp memory, kernels")
     batch = (jnp.zeros((cfg.mlp_batch, cfg.mlp_inputs)), jnp.zeros((cfg.mlp_batch,), jnp.int32))
     for name, model in bench.train_models(cfg).items():
-      report(name, functools.partial(step_cost, model, batch, bench.classification_loss))
+      report(name, functools.partial(step_cost, model, batch, common.classification_loss))
 
 
 # ----------------------------------------------------------------------------
@@ -234,7 +235,7 @@ def block_table() -> None:
   batch = (jnp.zeros((batch_size, seq, width), jnp.bfloat16),
            jnp.zeros((batch_size, seq, width), jnp.float32))
   for name, model in bench.block_models(cfg).items():
-    report(name, functools.partial(step_cost, model, batch, bench.regression_loss))
+    report(name, functools.partial(step_cost, model, batch, common.regression_loss))
 
 
 def elementwise_table() -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 import bench
+import common
 from jaxdrop import _dropout, _threefry
 
 _LANES = _threefry.LANES_16
@@ -88,7 +89,7 @@ def main() -> None:
     fns = {name: jax.jit(variants[name]) for name in (
         bench.FLOOR, "jaxdrop.dropout", bench.FAST,
         "bits=16 unpacked, (n/4, 4) out", "bits=16 unpacked, reshaped")}
-    samples = bench.interleaved(fns, (key, x), 9, 0.01)
+    samples = common.interleaved(fns, (key, x), 9, 0.01)
     floor = min(samples[bench.FLOOR])
     print(f"\n2^24 {jnp.dtype(dtype).name}: min ms, x floor")
     for name, s in samples.items():
