@@ -2,7 +2,9 @@
 
 ``common.interleaved`` times functions in turns, as every table does;
 ``common.alone`` times one function by itself, one waited-for call per sample.
-If the harness measures what it claims, the two medians agree for every row.
+If the harness measures what it claims, the two medians agree for every row. The two
+methods alternate, round by round (``_compare``), so the machine's slow and fast
+minutes fall on both.
 This script times the rows of ``bench.py`` (all variants, fwd and fwd+bwd) and
 of ``bench_attention.py`` (attention alone) both ways and prints the ratio
 harness / alone; it records, it does not judge. A full run writes
@@ -27,14 +29,33 @@ import bench_attention
 import common
 
 
+# Calls per function per round timed alone (after one untimed call).
+ALONE_CALLS = 3
+
+
 def _compare(fns: dict, args: tuple, repeats: int, min_sample_s: float) -> list[dict]:
-  among = common.interleaved(fns, args, repeats, min_sample_s)
+  """Both methods, in alternating rounds, so that a slow minute of the machine hits both.
+
+  A round is one harness round (every function once, in turns, from a start that rotates
+  each round) and then each function alone: ``common.alone``'s untimed call and
+  ``ALONE_CALLS`` waited-for calls.
+  """
+  among = {name: [] for name in fns}
+  by_itself = {name: [] for name in fns}
+  names = list(fns)
+  for round_ in range(repeats):
+    rotated = {name: fns[name] for name in names[round_ % len(names):] +
+               names[:round_ % len(names)]}
+    for name, samples in common.interleaved(rotated, args, 1, min_sample_s).items():
+      among[name] += samples
+    for name in rotated:
+      by_itself[name] += common.alone(fns[name], args, ALONE_CALLS)
   rows = []
-  for name, fn in fns.items():
-    by_itself = common.alone(fn, args, repeats)
-    harness_ms, alone_ms = common.median_ms(among[name]), common.median_ms(by_itself)
+  for name in names:
+    harness_ms, alone_ms = common.median_ms(among[name]), common.median_ms(by_itself[name])
     rows.append(dict(variant=name, harness_ms=harness_ms, alone_ms=alone_ms,
-                     ratio=harness_ms / alone_ms))
+                     ratio=harness_ms / alone_ms, harness_samples=len(among[name]),
+                     alone_samples=len(by_itself[name])))
   return rows
 
 
@@ -85,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--json", help="write the results here (default: a full run writes "
                       "benchmarks/results/check_harness-<backend>.json; --quick nothing)")
   args = parser.parse_args(argv)
-  log2, rates, repeats = (20, (0.5,), 3) if args.quick else (24, (0.1, 0.5), 7)
+  log2, rates, repeats = (20, (0.5,), 3) if args.quick else (24, (0.1, 0.5), 9)
   attention_cfg = (bench_attention.Config(**bench_attention.QUICK) if args.quick
                    else bench_attention.Config())
   min_sample_s = 0.02 if jax.default_backend() == "cpu" else 0.01

@@ -6,8 +6,9 @@ The timer (``interleaved``) is the one method every table uses:
   (compilation is never timed);
 * one *sample* of a function is ``calls`` back-to-back calls, where ``calls``
   makes a sample last about ``min_sample_s`` (one call for anything slower),
-  and the sample waits for the last result (``jax.block_until_ready``); the
-  function's outputs are dropped before the next sample starts;
+  and the sample waits for every result (``jax.block_until_ready``); the
+  outputs are freed after the clock stops (freeing a large output costs
+  milliseconds on CPU) and before the next sample starts;
 * before each sample the function runs once untimed, so the sample starts
   from that function's own steady state (its buffers allocated and faulted
   in, its code in cache) and not from whatever its neighbour left behind;
@@ -56,13 +57,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _sample(fn: Callable, args: tuple, calls: int) -> float:
-  """Seconds per call of `calls` calls, after one untimed call."""
+  """Seconds per call of `calls` calls, after one untimed call.
+
+  The outputs are kept until the clock stops: freeing a large one (unmapping its pages)
+  costs milliseconds on CPU, and would be timed for some calls and not others.
+  """
   jax.block_until_ready(fn(*args))
   start = time.perf_counter()
-  for _ in range(calls):
-    out = fn(*args)  # Dispatch is asynchronous: the calls queue back to back.
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / calls
+  outs = [fn(*args) for _ in range(calls)]  # Dispatch is asynchronous: calls queue up.
+  jax.block_until_ready(outs)
+  seconds = time.perf_counter() - start
+  del outs  # Freed here, untimed.
+  return seconds / calls
 
 
 def interleaved(fns: dict[str, Callable], args: tuple, repeats: int,
@@ -87,8 +93,9 @@ def alone(fn: Callable, args: tuple, repeats: int) -> list[float]:
   samples = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    out = jax.block_until_ready(fn(*args))
     samples.append(time.perf_counter() - start)
+    del out  # Freed after the clock stops, as in `interleaved`.
   return samples
 
 

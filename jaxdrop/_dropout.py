@@ -589,7 +589,7 @@ def dropout(
       ``t = round(rate * 2**16)``. The keep probability is then quantized to
       multiples of 2**-16 and the scale is its exact inverse, so the mean is
       still exact. Fast mode needs a threefry key; when it pays off is in
-      BENCHMARKS.md.
+      docs/performance.md.
 
   Returns:
     An array with the shape and dtype of ``x``. Unless it is ``x`` itself

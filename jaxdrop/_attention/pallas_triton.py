@@ -95,7 +95,7 @@ class BlockSizes(NamedTuple):
   """Tile sizes and launch options; each size a power of two >= 16.
 
   The defaults were chosen on an H100 (``benchmarks/gpu_attention_check.py``'s
-  "tune" section, BENCHMARKS.md): 64 x 64 tiles with 4 warps and 3 stages
+  "tune" section, docs/performance.md): 64 x 64 tiles with 4 warps and 3 stages
   were the fastest uniform choice for H 64 and 128, with and without dropout,
   causal or not. The tiles never change the result's mask.
 
