@@ -580,7 +580,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jaxdrop
 
 COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter")
-mesh = jax.make_mesh((4, 2), ("data", "model"))
+mesh = jax.make_mesh((4, 2), ("data", "model"),
+                     axis_types=(jax.sharding.AxisType.Explicit,) * 2)
 rng = np.random.default_rng(0)
 q, k, v = (jnp.asarray(rng.normal(size=(8, 24, 4, 8)), jnp.float32) for _ in range(3))
 key = jax.random.key(3)

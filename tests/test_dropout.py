@@ -691,7 +691,9 @@ def test_outputs_carry_the_checkpoint_name_and_a_names_policy_recomputes_them(bi
   # A policy can pick exactly those by name...
   only = jax.checkpoint_policies.save_only_these_names(jaxdrop.CHECKPOINT_NAME)
   picked = _residuals(_named_mlp_loss(layer), only)
-  assert sum(named in source for _, source in picked) == 2
+  # (jax 0.8 labels them "output of reduce_precision" under a policy: counted by shape.)
+  saved = [a.shape for a, source in picked if "from the argument" not in source]
+  assert saved == [(5, 16), (5, 16)]
   # ...or keep every named value but them: then dropout costs only its key.
   policy = jax.checkpoint_policies.save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
   nbytes = lambda residuals: sum(a.size * a.dtype.itemsize for a, _ in residuals)  # noqa: E731

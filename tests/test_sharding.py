@@ -12,7 +12,8 @@ import jaxdrop
 
 assert jax.device_count() == 8, jax.devices()
 COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter")
-mesh = jax.make_mesh((4, 2), ("data", "model"))
+mesh = jax.make_mesh((4, 2), ("data", "model"),
+                     axis_types=(jax.sharding.AxisType.Explicit,) * 2)
 key = jax.random.key(5)
 x = jax.random.normal(jax.random.key(0), (64, 24)) + 3.0
 cases = {

@@ -27,12 +27,19 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+with warnings.catch_warnings():
+  # orbax-checkpoint 0.12.8 names jax.sharding.SingleDeviceSharding when it is imported,
+  # which jax 0.12 deprecates: orbax's to mend, and silenced for this import only.
+  warnings.filterwarnings("ignore", "jax.sharding.SingleDeviceSharding is deprecated",
+                          DeprecationWarning)
+  import orbax.checkpoint as ocp
 
 CHECKSUMS = "CHECKSUMS.json"
 
