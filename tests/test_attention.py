@@ -620,6 +620,65 @@ def test_sharded_over_batch_and_heads_equals_unsharded_without_collectives():
   assert out.count("ok") == 3, out
 
 
+GQA_SHARDING_CODE = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jaxdrop
+
+COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all", "reduce-scatter")
+mesh = jax.make_mesh((2, 4), ("data", "model"),
+                     axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+rng = np.random.default_rng(0)
+# 8 query heads on 4 key/value heads, both sharded 4 ways: each device holds 1 key head, 2 queries.
+q = jnp.asarray(rng.normal(size=(4, 40, 8, 16)), jnp.float32)
+k, v = (jnp.asarray(rng.normal(size=(4, 40, 4, 16)), jnp.float32) for _ in range(2))
+bias = jnp.asarray(rng.normal(size=(4, 8, 40, 40)), jnp.float32)
+mask = jnp.asarray(rng.random((4, 1, 40, 40)) < 0.8)
+key = jax.random.key(3)
+spec = NamedSharding(mesh, P("data", None, "model", None))
+per_head = NamedSharding(mesh, P("data", "model", None, None))
+per_batch = NamedSharding(mesh, P("data", None, None, None))
+for implementation in ("xla", "reference"):
+  for rate in (0.0, 0.3):
+    def attend(q, k, v, bias, mask):
+      return jaxdrop.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=True,
+                                           dropout_rate=rate, dropout_key=key,
+                                           implementation=implementation)
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(attend(*a) ** 2), argnums=(0, 1, 2, 3)))
+    forward = jax.jit(attend)
+    args = (q, k, v, bias, mask)
+    want = [forward(*args), *grad(*args)]
+    with jax.set_mesh(mesh):
+      placed = [jax.device_put(x, s) for x, s in zip(args, (spec, spec, spec, per_head, per_batch))]
+      got = [forward(*placed), *grad(*placed)]
+      hlo = grad.lower(*placed).compile().as_text()
+    assert got[0].sharding.spec == P("data", None, "model", None), got[0].sharding
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+    found = [c for c in COLLECTIVES if c in hlo]
+    assert not found, (implementation, rate, found)
+    print(implementation, rate, "ok")
+"""
+
+
+def test_reshape_keeps_the_mesh_axes_of_split_and_merged_axes():
+  # [B, T, N, H] -> [B, T, K, G, H]: the heads' mesh axis goes to K.
+  assert base._reshaped_spec((4, 40, 8, 16), ("d", None, "m", None), (4, 40, 4, 2, 16)) == (
+      "d", None, "m", None, None)
+  # [B, T, K, G, H] -> [B, T, N, H], and two sharded axes merged, major first.
+  assert base._reshaped_spec((4, 40, 4, 2, 16), ("d", None, "m", None, None), (4, 40, 8, 16)) == (
+      "d", None, "m", None)
+  assert base._reshaped_spec((4, 8, 16), ("d", "m", None), (32, 16)) == (("d", "m"), None)
+  # A sharded minor axis under an unsharded major one has no spec after the merge.
+  assert base._reshaped_spec((4, 8, 16), (None, "m", None), (32, 16)) is None
+
+
+def test_grouped_query_heads_sharded_over_explicit_axes_equal_unsharded_without_collectives():
+  # Issue 22: the grouped-query reshape raised ShardingTypeError under explicit axes.
+  out = run_with_devices(GQA_SHARDING_CODE)
+  assert out.count("ok") == 4, out
+
+
 @pytest.mark.parametrize("implementation", ["xla", "reference"])
 def test_exports_for_every_platform(implementation):
   q, k, v = inputs()

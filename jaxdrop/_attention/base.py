@@ -14,6 +14,7 @@ of its keep probability. A query row with no allowed position outputs 0.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -93,11 +94,82 @@ def pad_unless_broadcast(x: jax.Array, axis: int, size: int) -> jax.Array:
   return x if x.shape[axis] == 1 else pad_axis(x, axis, size)
 
 
+def _explicit_spec(x: jax.Array) -> tuple | None:
+  """``x``'s partition spec, one entry per axis, when it is sharded over explicit mesh axes."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = tuple(getattr(sharding, "spec", ()) or ())
+  if not any(entry is not None for entry in spec):
+    return None
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def _names(entry) -> tuple:
+  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+def _reshaped_spec(old: tuple[int, ...], spec: tuple, new: tuple[int, ...]):
+  """The spec of ``old`` reshaped to ``new``, or None if a split or merge cannot keep it.
+
+  A reshape is a sequence of groups, each an old run of axes whose product is a new run's.
+  An axis split in several keeps its mesh axes on the first part of size > 1; axes merged
+  into one stack their mesh axes (major first), which is exact while every axis before the
+  last sharded one is sharded or of size 1.
+  """
+  out, i, j = [], 0, 0
+  while i < len(old) or j < len(new):
+    i0, j0 = i, j
+    a, b = (old[i] if i < len(old) else 1), (new[j] if j < len(new) else 1)
+    i, j = i + 1, j + 1
+    while a != b:
+      if a < b:
+        a, i = a * old[i], i + 1
+      else:
+        b, j = b * new[j], j + 1
+    entries = spec[i0:i]
+    sharded = [k for k, entry in enumerate(entries) if entry is not None]
+    if not sharded:
+      out += [None] * (j - j0)
+      continue
+    if j - j0 > 1 and i - i0 > 1:
+      return None
+    if any(entries[k] is None and old[i0 + k] != 1 for k in range(sharded[-1])):
+      return None
+    names = tuple(n for entry in entries for n in _names(entry))
+    part = [None] * (j - j0)
+    first = next((k for k in range(j - j0) if new[j0 + k] != 1), 0)
+    part[first] = names[0] if len(names) == 1 else names
+    out += part
+  return tuple(out[: len(new)])
+
+
+def reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """``x.reshape(shape)``, keeping a sharding over explicit mesh axes through the reshape.
+
+  With explicit axes (``jax.make_mesh``'s default) JAX asks for the output's sharding of
+  any reshape that splits or merges a sharded axis, such as grouping N query heads sharded
+  over K key heads as ``[K, G]``. The sharded axes here are batch and heads, and they stay
+  whole on each device, so no data moves.
+  """
+  spec = _explicit_spec(x)
+  shape = tuple(shape)
+  if -1 in shape:
+    known = math.prod(d for d in shape if d != -1)
+    shape = tuple(x.size // known if d == -1 else d for d in shape)
+  if spec is None or 0 in x.shape:
+    return x.reshape(shape)
+  out = _reshaped_spec(x.shape, spec, shape)
+  if out is None:
+    return x.reshape(shape)  # JAX says which sharding it cannot infer.
+  mesh = jax.typeof(x).sharding.mesh  # Named, so that no mesh context is needed.
+  return jax.lax.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(*out)))
+
+
 def grouped(x: jax.Array, heads: int, kv_heads: int) -> jax.Array:
   """``[b, n, ...]`` with ``n`` in {1, N} as ``[b, K, G, ...]`` (or ``[b, 1, 1, ...]``)."""
   if x.shape[1] == 1:
     return x[:, :, None]
-  return x.reshape(x.shape[0], kv_heads, heads // kv_heads, *x.shape[2:])
+  return reshape(x, (x.shape[0], kv_heads, heads // kv_heads, *x.shape[2:]))
 
 
 def reference(q, k, v, bias, mask, key_data, rate, config: Config) -> jax.Array:
@@ -108,8 +180,11 @@ def reference(q, k, v, bias, mask, key_data, rate, config: Config) -> jax.Array:
   batch, rows, heads, _ = q.shape
   cols, kv_heads = k.shape[1], k.shape[2]
   f32 = jnp.float32
-  kr = jnp.repeat(k, heads // kv_heads, axis=2)
-  vr = jnp.repeat(v, heads // kv_heads, axis=2)
+  def repeat_heads(x):  # [B, S, K, H] -> [B, S, N, H], each key head G times
+    x = jnp.broadcast_to(x[:, :, :, None], (*x.shape[:3], heads // kv_heads, x.shape[3]))
+    return reshape(x, (*x.shape[:2], heads, x.shape[4]))
+
+  kr, vr = repeat_heads(k), repeat_heads(v)
   logits = jnp.einsum(
       "btnh,bsnh->bnts", q.astype(f32), kr.astype(f32), precision=config.precision
   ) * config.scale

@@ -83,7 +83,7 @@ def _operands(layout: _Layout, config: base.Config, q, k, v, bias, mask, key_dat
   rows_p = layout.num_q_blocks * layout.blocks.q
   cols_p = layout.num_k_blocks * layout.blocks.k
   heads, kv_heads = layout.heads, layout.kv_heads
-  q = q.reshape(q.shape[0], layout.rows, kv_heads, heads // kv_heads, -1)
+  q = base.reshape(q, (q.shape[0], layout.rows, kv_heads, heads // kv_heads, -1))
   q = base.pad_axis(q.transpose(0, 2, 3, 1, 4), 3, rows_p)
   k = base.pad_axis(k.transpose(0, 2, 1, 3), 2, cols_p)
   v = base.pad_axis(v.transpose(0, 2, 1, 3), 2, cols_p)
@@ -199,8 +199,9 @@ def _forward(layout, config, q, k, v, bias, mask, key_data, rate):
   out, lse = jax.lax.map(q_block, jnp.arange(layout.num_q_blocks))
   # [nq, B, K, G, bq, H] -> [B, T, N, H]
   batch, kv_heads, groups = ops.q.shape[:3]
-  out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, -1, kv_heads * groups, out.shape[-1])
-  lse = lse.transpose(1, 2, 3, 0, 4).reshape(batch, kv_heads, groups, -1)
+  out = base.reshape(out.transpose(1, 0, 4, 2, 3, 5),
+                     (batch, -1, kv_heads * groups, out.shape[-1]))
+  lse = base.reshape(lse.transpose(1, 2, 3, 0, 4), (batch, kv_heads, groups, -1))
   return out[:, : layout.rows], lse
 
 
@@ -230,7 +231,7 @@ def _backward(layout, config, residuals, d_out):
   batch, kv_heads, groups = ops.q.shape[:3]
 
   def grouped_rows(x):  # [B, T, N, H] -> [B, K, G, Tp, H]
-    x = x.reshape(batch, layout.rows, kv_heads, groups, -1).transpose(0, 2, 3, 1, 4)
+    x = base.reshape(x, (batch, layout.rows, kv_heads, groups, -1)).transpose(0, 2, 3, 1, 4)
     return base.pad_axis(x, 3, rows_p)
 
   d_out = grouped_rows(d_out)
@@ -291,14 +292,14 @@ def _backward(layout, config, residuals, d_out):
   (dq, d_bias), (dk, dv) = jax.lax.scan(
       k_block, (base.full_like(ops.q, 0, _F32), d_bias), jnp.arange(layout.num_k_blocks)
   )
-  dq = dq[:, :, :, : layout.rows].transpose(0, 3, 1, 2, 4).reshape(q.shape)
+  dq = base.reshape(dq[:, :, :, : layout.rows].transpose(0, 3, 1, 2, 4), q.shape)
 
   def ungroup_keys(x):  # [nk, B, K, bk, H] -> [B, S, K, H]
-    x = x.transpose(1, 0, 3, 2, 4).reshape(batch, -1, kv_heads, x.shape[-1])
+    x = base.reshape(x.transpose(1, 0, 3, 2, 4), (batch, -1, kv_heads, x.shape[-1]))
     return x[:, : layout.cols]
 
   if d_bias is not None:
-    d_bias = d_bias[:, :, :, : bias.shape[2], : bias.shape[3]].reshape(bias.shape)
+    d_bias = base.reshape(d_bias[:, :, :, : bias.shape[2], : bias.shape[3]], bias.shape)
     d_bias = d_bias.astype(bias.dtype)
   return (
       dq.astype(q.dtype),
