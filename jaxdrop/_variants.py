@@ -129,7 +129,7 @@ def alpha_dropout(
   Zeroing a SELU activation shifts its mean and variance, so Klambauer et al.
   (2017) set dropped units to SELU's saturation value
   ``alpha' = -scale * alpha = -1.7580993408473766`` instead, then apply the
-  affine map that restores mean 0 and variance 1 for standardized inputs:
+  affine map that restores mean 0 and variance 1 for standardized inputs::
 
     y = a * where(keep, x, alpha') + b,
     a = (q + alpha'**2 * q * (1 - q)) ** -0.5,  b = -a * alpha' * (1 - q)

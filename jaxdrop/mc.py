@@ -181,7 +181,7 @@ def expected_calibration_error(
   """Expected calibration error with ``num_bins`` equal-width confidence bins.
 
   ECE = sum over bins of (fraction of examples in the bin) ×
-  |accuracy - mean confidence| in the bin (Guo et al. 2017), where confidence
+  ``|accuracy - mean confidence|`` in the bin (Guo et al. 2017), where confidence
   is the top probability.
 
   Args:

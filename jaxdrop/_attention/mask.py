@@ -139,7 +139,7 @@ def attention_keep_mask(
 ) -> jax.Array:
   """The attention dropout mask (True = kept) of :func:`jaxdrop.dot_product_attention`.
 
-  For ``shape = (B, N, T, S)``, weight ``(b, n, t, s)`` is kept when
+  For ``shape = (B, N, T, S)``, weight ``(b, n, t, s)`` is kept when::
 
     byte = (u[t, s // 8] >> (56 - 8 * (s % 8))) & 0xFF >= round(rate * 256)
     u = jax.random.bits(jax.random.fold_in(key, b * N + n), (T, ceil(S / 8)), jnp.uint64)
