@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from jaxdrop import _dropout
 from jaxdrop import _variants
+from jaxdrop._attention.flax_compat import linen_attention_fn as attention_fn
 from jaxdrop._attention.flax_compat import linen_dot_product_attention as dot_product_attention
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "DropConnectDense",
     "DropPath",
     "Dropout",
+    "attention_fn",
     "dot_product_attention",
     "GaussianDropout",
     "ReluDropout",

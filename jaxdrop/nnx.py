@@ -38,6 +38,7 @@ from flax.nnx.module import first_from
 
 from jaxdrop import _dropout
 from jaxdrop import _variants
+from jaxdrop._attention.flax_compat import nnx_attention_fn as attention_fn
 from jaxdrop._attention.flax_compat import nnx_dot_product_attention as dot_product_attention
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "DropConnectLinear",
     "DropPath",
     "Dropout",
+    "attention_fn",
     "dot_product_attention",
     "GaussianDropout",
     "ReluDropout",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -122,6 +125,57 @@ def test_nnx_module_without_dropout_equals_flax_default():
   first, second = ours(x), ours(x)  # The module's dropout stream advances.
   assert not np.allclose(first, second)
   assert not np.allclose(first, theirs(x))
+
+
+def test_linen_attention_fn_is_causal_without_a_mask_and_picks_the_implementation():
+  # Issue 23: options through attention_fn=, inside flax's own module.
+  x = jax.random.normal(jax.random.key(0), (2, 6, 8))
+  causal = nn.make_causal_mask(jnp.ones((2, 6)))
+  make = lambda fn: nn.MultiHeadDotProductAttention(
+      num_heads=2, qkv_features=8, dropout_rate=0.1, broadcast_dropout=False, attention_fn=fn
+  )
+  variables = make(nn.dot_product_attention).init(jax.random.key(1), x, deterministic=True)
+  expected = make(nn.dot_product_attention).apply(variables, x, mask=causal, deterministic=True)
+  run = lambda fn, **kw: make(fn).apply(variables, x, rngs={"dropout": jax.random.key(2)}, **kw)
+  for implementation in ("xla", "reference", None):
+    fn = jaxdrop.linen.attention_fn(is_causal=True, implementation=implementation)
+    np.testing.assert_allclose(run(fn, deterministic=True), expected, rtol=1e-5, atol=1e-6)
+    # With dropout: the same weights dropped as with flax's causal mask instead.
+    with_mask = run(jaxdrop.linen.dot_product_attention, mask=causal, deterministic=False)
+    np.testing.assert_allclose(run(fn, deterministic=False), with_mask, rtol=1e-5, atol=1e-6)
+  # A plain partial works too, now that the adapter takes both options.
+  fn = functools.partial(jaxdrop.linen.dot_product_attention, is_causal=True,
+                         implementation="reference")
+  np.testing.assert_allclose(run(fn, deterministic=True), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_attention_fn_is_causal_without_a_mask_and_picks_the_implementation():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 8))
+  causal = nnx.make_causal_mask(jnp.ones((2, 6)))
+  make = lambda fn: nnx.MultiHeadAttention(
+      num_heads=2, in_features=8, dropout_rate=0.1, broadcast_dropout=False, decode=False,
+      attention_fn=fn, rngs=nnx.Rngs(0),
+  )
+  expected = make(nnx.dot_product_attention)(x, mask=causal, deterministic=True)
+  for implementation in ("xla", "reference"):
+    layer = make(jaxdrop.nnx.attention_fn(is_causal=True, implementation=implementation))
+    np.testing.assert_allclose(layer(x, deterministic=True), expected, rtol=1e-5, atol=1e-6)
+    if "is_causal" not in inspect.signature(nnx.MultiHeadAttention.__call__).parameters:
+      continue  # Older flax (0.12.5) has no is_causal on the module's calls.
+    # nnx's own is_causal= reaches the adapter too (either one makes the call causal).
+    layer = make(jaxdrop.nnx.attention_fn(implementation=implementation))
+    np.testing.assert_allclose(layer(x, deterministic=True, is_causal=True), expected,
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(layer(x, deterministic=True), expected)
+
+
+@pytest.mark.parametrize("flavour", ["linen", "nnx"])
+def test_attention_fn_checks_its_options_when_made(flavour):
+  make = getattr(jaxdrop, flavour).attention_fn
+  with pytest.raises(ValueError, match="implementation must be None .* got implementation='cuda'"):
+    make(implementation="cuda")
+  with pytest.raises(TypeError, match="is_causal must be a bool, got is_causal=1"):
+    make(is_causal=1)
 
 
 ATTENTION_FNS = {

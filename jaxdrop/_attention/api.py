@@ -94,7 +94,7 @@ def _check_scale(scale, head_dim: int) -> float:
   return float(scale)
 
 
-def _check_implementation(implementation) -> str | None:
+def check_implementation(implementation) -> str | None:
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"implementation must be None (the best available) or one of "
@@ -243,7 +243,7 @@ def attention(
     raise TypeError(f"is_causal must be a bool, got is_causal={is_causal!r}")
   fixed = _dropout.static_rate(dropout_rate, "dropout_rate")
   deterministic = _dropout.check_deterministic(deterministic)
-  implementation = _check_implementation(implementation)
+  implementation = check_implementation(implementation)
   if deterministic or fixed == 0.0:
     fixed, key_data, rate = 0.0, None, None
   elif fixed == 1.0:

@@ -9,6 +9,8 @@ translate it, and call :func:`jaxdrop._attention.api.attention`.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Any
 
@@ -63,7 +65,7 @@ def _check_batch(query, key, value) -> tuple[int, ...]:
 
 def _flax_attention(
     query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-    deterministic, precision, module, is_causal,
+    deterministic, precision, module, is_causal, implementation,
 ) -> jax.Array:
   if module is not None:
     raise ValueError(_MATERIALIZES.format(what="sow_weights=True", fix="sow_weights=False"))
@@ -87,6 +89,7 @@ def _flax_attention(
       deterministic=deterministic,
       shared_mask=broadcast_dropout,
       precision=precision,
+      implementation=implementation,
   )
   return out.reshape(batch_shape + out.shape[1:])
 
@@ -108,6 +111,9 @@ def linen_dot_product_attention(
     einsum_dot_general: Any = None,
     qk_attn_weights_einsum: Any = None,
     attn_weights_value_einsum: Any = None,
+    *,
+    is_causal: bool = False,
+    implementation: str | None = None,
 ) -> jax.Array:
   """``flax.linen.dot_product_attention``'s signature on :func:`jaxdrop.dot_product_attention`.
 
@@ -138,6 +144,10 @@ def linen_dot_product_attention(
     einsum_dot_general: must be None (custom einsums are not supported).
     qk_attn_weights_einsum: must be None.
     attn_weights_value_einsum: must be None.
+    is_causal: if True, query ``t`` attends only keys ``s <= t``, without a mask
+      (the blockwise and fused paths then skip the tiles above the diagonal).
+    implementation: as for :func:`jaxdrop.dot_product_attention`. flax passes
+      neither of these two: set them with :func:`jaxdrop.linen.attention_fn`.
 
   Returns:
     ``[batch..., T, N, H]``.
@@ -167,7 +177,7 @@ def linen_dot_product_attention(
   query, key, value = nn.dtypes.promote_dtype(query, key, value, dtype=dtype)
   return _flax_attention(
       query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-      deterministic, precision, module, is_causal=False,
+      deterministic, precision, module, is_causal, implementation,
   )
 
 
@@ -186,13 +196,17 @@ def nnx_dot_product_attention(
     module: Any = None,
     promote_dtype: Any = None,
     is_causal: bool = False,
+    *,
+    implementation: str | None = None,
 ) -> jax.Array:
   """``flax.nnx.dot_product_attention``'s signature on :func:`jaxdrop.dot_product_attention`.
 
   Use it as ``attention_fn`` of ``nnx.MultiHeadAttention``. Arguments and
   differences as :func:`jaxdrop.linen.dot_product_attention`; ``promote_dtype``
-  (default: flax nnx's) casts query, key and value, and ``is_causal``
-  restricts query ``t`` to keys ``s <= t``.
+  (default: flax nnx's) casts query, key and value, ``is_causal``
+  restricts query ``t`` to keys ``s <= t``, and ``implementation`` is as for
+  :func:`jaxdrop.dot_product_attention`; :func:`jaxdrop.nnx.attention_fn` sets
+  these two for a flax module.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxdrop
@@ -212,5 +226,88 @@ def nnx_dot_product_attention(
   query, key, value = promote_dtype((query, key, value), dtype=dtype)
   return _flax_attention(
       query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-      deterministic, precision, module, is_causal=is_causal,
+      deterministic, precision, module, is_causal, implementation,
   )
+
+
+def _attention_fn(adapter, is_causal: bool, implementation: str | None):
+  if not isinstance(is_causal, bool):
+    raise TypeError(f"is_causal must be a bool, got is_causal={is_causal!r}")
+  api.check_implementation(implementation)
+  causal = is_causal
+
+  @functools.wraps(adapter)
+  def attention_fn(*args, is_causal: bool = False, **kwargs):
+    # Recent nnx MultiHeadAttention passes its call's is_causal (default False): either asks.
+    return adapter(*args, is_causal=is_causal or causal, implementation=implementation,
+                   **kwargs)
+
+  # The signature flax.linen inspects to choose what to pass: the adapter's, these bound.
+  attention_fn.__signature__ = inspect.signature(functools.partial(
+      adapter, is_causal=is_causal, implementation=implementation))
+  del attention_fn.__wrapped__
+  return attention_fn
+
+
+def linen_attention_fn(*, is_causal: bool = False, implementation: str | None = None):
+  """:func:`jaxdrop.linen.dot_product_attention` with options, as flax's ``attention_fn``.
+
+  flax's attention modules call ``attention_fn`` with their own arguments only,
+  so options must be bound beforehand; the function returned keeps the
+  signature flax inspects. The options are checked here, not at the first call.
+
+  Args:
+    is_causal: if True, query ``t`` attends only keys ``s <= t``: causality
+      without a ``[B, 1, T, T]`` mask, so that the blockwise and fused paths
+      skip the tiles above the diagonal. Pass no causal ``mask`` with it
+      (``nn.make_causal_mask``); a padding mask may still be given.
+    implementation: as for :func:`jaxdrop.dot_product_attention`.
+
+  Returns:
+    A function to pass as ``attention_fn=``.
+
+  Raises:
+    TypeError: ``is_causal`` is not a bool.
+    ValueError: an unknown ``implementation``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxdrop
+    >>> layer = nn.MultiHeadDotProductAttention(
+    ...     num_heads=2, qkv_features=8, dropout_rate=0.1, broadcast_dropout=False,
+    ...     attention_fn=jaxdrop.linen.attention_fn(is_causal=True, implementation="xla"))
+    >>> x = jnp.ones((1, 4, 8))
+    >>> variables = layer.init(jax.random.key(0), x, deterministic=True)
+    >>> layer.apply(variables, x, deterministic=True).shape
+    (1, 4, 8)
+  """
+  return _attention_fn(linen_dot_product_attention, is_causal, implementation)
+
+
+def nnx_attention_fn(*, is_causal: bool = False, implementation: str | None = None):
+  """:func:`jaxdrop.nnx.dot_product_attention` with options, as flax's ``attention_fn``.
+
+  As :func:`jaxdrop.linen.attention_fn`, for ``nnx.MultiHeadAttention``. Where
+  that module's calls take ``is_causal=`` too (recent flax), a call is causal
+  if either says so.
+
+  Args:
+    is_causal: if True, query ``t`` attends only keys ``s <= t``, without a mask.
+    implementation: as for :func:`jaxdrop.dot_product_attention`.
+
+  Returns:
+    A function to pass as ``attention_fn=``.
+
+  Raises:
+    TypeError: ``is_causal`` is not a bool.
+    ValueError: an unknown ``implementation``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxdrop
+    >>> from flax import nnx
+    >>> layer = nnx.MultiHeadAttention(
+    ...     num_heads=2, in_features=8, decode=False, rngs=nnx.Rngs(0),
+    ...     attention_fn=jaxdrop.nnx.attention_fn(is_causal=True, implementation="xla"))
+    >>> layer(jnp.ones((1, 4, 8)), deterministic=True).shape
+    (1, 4, 8)
+  """
+  return _attention_fn(nnx_dot_product_attention, is_causal, implementation)
