@@ -658,6 +658,19 @@ for implementation in ("xla", "reference"):
     found = [c for c in COLLECTIVES if c in hlo]
     assert not found, (implementation, rate, found)
     print(implementation, rate, "ok")
+# The flax attention_fn drop-ins, as flax's modules call them.
+for name, fn in (("linen", jaxdrop.linen.dot_product_attention),
+                 ("nnx", jaxdrop.nnx.dot_product_attention)):
+  attend = jax.jit(lambda q, k, v: fn(q, k, v, dropout_rng=key, dropout_rate=0.3,
+                                      broadcast_dropout=False))
+  want = attend(q, k, v)
+  with jax.set_mesh(mesh):
+    placed = [jax.device_put(x, spec) for x in (q, k, v)]
+    got = attend(*placed)
+    hlo = attend.lower(*placed).compile().as_text()
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+  assert not [c for c in COLLECTIVES if c in hlo], name
+  print(name, "adapter ok")
 """
 
 
@@ -676,7 +689,7 @@ def test_reshape_keeps_the_mesh_axes_of_split_and_merged_axes():
 def test_grouped_query_heads_sharded_over_explicit_axes_equal_unsharded_without_collectives():
   # Issue 22: the grouped-query reshape raised ShardingTypeError under explicit axes.
   out = run_with_devices(GQA_SHARDING_CODE)
-  assert out.count("ok") == 4, out
+  assert out.count("ok") == 6, out
 
 
 @pytest.mark.parametrize("implementation", ["xla", "reference"])
