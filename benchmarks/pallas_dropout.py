@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 import common  # noqa: F401 -- puts the checkout on sys.path
-from jaxdrop import _dropout, _threefry
+from jaxdrop import _dropout, _threefry, _validate
 
 _U32 = jnp.uint32
 _COMPILER_PARAMS = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
@@ -119,16 +119,16 @@ def dropout16(
     ValueError, TypeError: as :func:`jaxdrop.dropout`; a ``block`` that is not
       an int, or not a power of two >= 16.
   """
-  x = _dropout.check_input(x)
-  block = _dropout.check_int(block, "block", minimum=16)
+  x = _validate.check_input(x)
+  block = _validate.check_int(block, "block", minimum=16)
   if block & (block - 1):
     raise ValueError(f"block must be a power of two >= 16, got block={block!r}")
-  fixed = _dropout.static_rate(rate)
-  if _dropout.check_deterministic(deterministic) or fixed == 0.0:
+  fixed = _validate.static_rate(rate)
+  if _validate.check_deterministic(deterministic) or fixed == 0.0:
     return x
   if fixed == 1.0:
     return jnp.zeros_like(x)
-  key_data, impl = _dropout.split_key(key)
+  key_data, impl = _validate.split_key(key)
   _dropout._mask_spec(impl, x.shape, 16)  # Checks the key and size as the XLA path does.
   if math.prod(x.shape) == 0:
     return x

@@ -35,16 +35,16 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxdrop._dropout import CHECKPOINT_NAME
-from jaxdrop._dropout import check_deterministic
-from jaxdrop._dropout import check_input
-from jaxdrop._dropout import check_int
 from jaxdrop._dropout import compute_dtype
 from jaxdrop._dropout import dropout
 from jaxdrop._dropout import keep_mask
-from jaxdrop._dropout import normalize_axes
 from jaxdrop._dropout import resolve_rate
-from jaxdrop._dropout import split_key
-from jaxdrop._dropout import static_rate
+from jaxdrop._validate import check_deterministic
+from jaxdrop._validate import check_input
+from jaxdrop._validate import check_int
+from jaxdrop._validate import normalize_axes
+from jaxdrop._validate import split_key
+from jaxdrop._validate import static_rate
 
 # SELU's negative saturation value, -scale * alpha (Klambauer et al. 2017, with
 # the constants of jax.nn.selu): what a SELU unit outputs for x -> -inf.

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdrop import _dropout
+from jaxdrop import _validate
 
 __all__ = [
     "assert_dropout_output",
@@ -44,7 +45,7 @@ def keep_fraction(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike) -> jax.Array
 
 
 def _static_rate(rate: float) -> float:
-  fixed = _dropout.static_rate(rate)
+  fixed = _validate.static_rate(rate)
   if fixed is None:
     raise TypeError(f"rate must be a Python float for a host-side check, got rate={rate!r}")
   return fixed
@@ -62,7 +63,7 @@ def keep_fraction_bound(rate: float, n: int, k: float = 4.0, *, bits: int = 32) 
     >>> jaxdrop.checks.keep_fraction_bound(0.5, 10_000)
     0.02
   """
-  n = _dropout.check_int(n, "n", minimum=1)
+  n = _validate.check_int(n, "n", minimum=1)
   if not k > 0:
     raise ValueError(f"k must be positive, got k={k!r}")
   p_keep = _dropout.keep_probability(_static_rate(rate), bits)
@@ -140,7 +141,7 @@ def assert_dropout_output(
   chex.assert_equal_shape((x, y))
   chex.assert_trees_all_equal_dtypes(x, y)
   fixed = _static_rate(rate)
-  axes = _dropout.normalize_axes(broadcast_dims, x.ndim)
+  axes = _validate.normalize_axes(broadcast_dims, x.ndim)
   xs = np.asarray(x, np.float64)
   ys = np.asarray(y, np.float64)
   p_keep = _dropout.keep_probability(fixed, bits)

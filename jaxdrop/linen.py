@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdrop import _dropout
+from jaxdrop import _validate
 from jaxdrop import _variants
 from jaxdrop._attention.flax_compat import linen_attention_fn as attention_fn
 from jaxdrop._attention.flax_compat import linen_dot_product_attention as dot_product_attention
@@ -90,7 +91,7 @@ class _Stochastic(nn.Module):
   ) -> tuple[bool, jax.Array | None]:
     """Merges ``deterministic`` as flax does; draws a key only when one is used."""
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    if rng is None and _dropout.needs_key(self.rate, _dropout.check_deterministic(deterministic)):
+    if rng is None and _dropout.needs_key(self.rate, _validate.check_deterministic(deterministic)):
       rng = dropout_key(self, self.rng_collection)
     return deterministic, rng
 
@@ -150,7 +151,7 @@ class Dropout(_Stochastic):
   function = staticmethod(_dropout.dropout)
 
   def __post_init__(self):
-    _dropout.check_bits(self.bits)
+    _validate.check_bits(self.bits)
     super().__post_init__()
 
   def _options(self):

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxdrop import _dropout
+from jaxdrop import _validate
 
 __all__ = ["Prediction", "expected_calibration_error", "predict", "sample"]
 
@@ -69,10 +69,10 @@ def sample(
     >>> jaxdrop.mc.sample(fn, jax.random.key(0), jnp.ones(3), num_samples=4).shape
     (4, 3)
   """
-  num_samples = _dropout.check_int(num_samples, "num_samples", minimum=1)
+  num_samples = _validate.check_int(num_samples, "num_samples", minimum=1)
   if chunk_size is not None:
-    chunk_size = _dropout.check_int(chunk_size, "chunk_size", minimum=1)
-  _dropout.typed_key(key)  # A named error for anything that is not one key.
+    chunk_size = _validate.check_int(chunk_size, "chunk_size", minimum=1)
+  _validate.typed_key(key)  # A named error for anything that is not one key.
   keys = jax.random.split(key, num_samples)
   one = lambda k: fn(k, *args)  # noqa: E731
   if chunk_size is None or chunk_size >= num_samples:
@@ -198,7 +198,7 @@ def expected_calibration_error(
     >>> round(float(jaxdrop.mc.expected_calibration_error(probs, jnp.array([0, 1]))), 4)
     0.35
   """
-  num_bins = _dropout.check_int(num_bins, "num_bins", minimum=1)
+  num_bins = _validate.check_int(num_bins, "num_bins", minimum=1)
   probs = jnp.asarray(probs)
   labels = jnp.asarray(labels)
   if probs.ndim != 2 or labels.shape != probs.shape[:1]:

@@ -37,6 +37,7 @@ from flax import nnx
 from flax.nnx.module import first_from
 
 from jaxdrop import _dropout
+from jaxdrop import _validate
 from jaxdrop import _variants
 from jaxdrop._attention.flax_compat import nnx_attention_fn as attention_fn
 from jaxdrop._attention.flax_compat import nnx_dot_product_attention as dot_product_attention
@@ -144,7 +145,7 @@ class _Stochastic:
       The transformed inputs (the inputs themselves when deterministic).
     """
     name = type(self).__name__
-    deterministic = _dropout.check_deterministic(
+    deterministic = _validate.check_deterministic(
         first_from(
             deterministic, self.deterministic, error_msg=_DETERMINISTIC_HELP.format(cls=name)
         )
@@ -209,8 +210,8 @@ class Dropout(_Stochastic, nnx.Module):
       rngs: nnx.Rngs | nnx.RngStream | None = None,
       bits: int = 32,
   ):
-    self.bits = _dropout.check_bits(bits)
-    self.broadcast_dims = _dropout.static_ints(
+    self.bits = _validate.check_bits(bits)
+    self.broadcast_dims = _validate.static_ints(
         broadcast_dims, "broadcast_dims", "an int or a sequence of ints"
     )
     self._init_stochastic(rate, deterministic, rng_collection, rngs)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdrop import _dropout
+from jaxdrop import _validate
 
 __all__ = ["constant", "early_dropout", "linear_ramp"]
 
@@ -23,11 +23,11 @@ _MAX_STEP = 2**31 - 1  # The largest int32 step.
 
 
 def _check_step(value: Any, name: str) -> int:
-  return _dropout.check_int(value, name, minimum=0, maximum=_MAX_STEP)
+  return _validate.check_int(value, name, minimum=0, maximum=_MAX_STEP)
 
 
 def _check_rate(rate: Any, name: str) -> float:
-  value = _dropout.static_rate(rate, name)
+  value = _validate.static_rate(rate, name)
   if value is None:
     raise TypeError(f"{name} must be a Python float in [0, 1], got an array")
   return value

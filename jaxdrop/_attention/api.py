@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import backend as jax_backend
 
-from jaxdrop import _dropout
+from jaxdrop import _validate
 from jaxdrop._attention import base
 from jaxdrop._attention import mask as mask_lib
 from jaxdrop._attention import xla
@@ -24,7 +24,7 @@ IMPLEMENTATIONS = ("reference", "xla", "pallas")
 
 def _check_qkv(query, key, value) -> tuple[jax.Array, jax.Array, jax.Array]:
   arrays = {
-      name: _dropout.check_input(x, name)
+      name: _validate.check_input(x, name)
       for name, x in (("query", query), ("key", key), ("value", value))
   }
   for name, x in arrays.items():
@@ -241,8 +241,8 @@ def attention(
   scale = _check_scale(scale, head_dim)
   if not isinstance(is_causal, (bool, np.bool_)):
     raise TypeError(f"is_causal must be a bool, got is_causal={is_causal!r}")
-  fixed = _dropout.static_rate(dropout_rate, "dropout_rate")
-  deterministic = _dropout.check_deterministic(deterministic)
+  fixed = _validate.static_rate(dropout_rate, "dropout_rate")
+  deterministic = _validate.check_deterministic(deterministic)
   implementation = check_implementation(implementation)
   if deterministic or fixed == 0.0:
     fixed, key_data, rate = 0.0, None, None

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdrop import _dropout
+from jaxdrop import _validate
 from jaxdrop import _threefry
 
 BITS = 8  # bits per decision.
@@ -168,10 +169,10 @@ def attention_keep_mask(
     >>> keep.shape, keep.dtype
     ((1, 2, 4, 16), dtype('bool'))
   """
-  shape = _dropout.check_shape(shape, "shape")
+  shape = _validate.check_shape(shape, "shape")
   if len(shape) != 4:
     raise ValueError(f"shape must be (B, N, T, S), got shape={shape}")
-  fixed = _dropout.static_rate(dropout_rate, "dropout_rate")
+  fixed = _validate.static_rate(dropout_rate, "dropout_rate")
   if fixed == 0.0:
     return jnp.ones(shape, bool)
   if fixed == 1.0:
@@ -184,7 +185,7 @@ def attention_keep_mask(
 
 def threefry_key_data(key, name: str = "dropout_key") -> jax.Array:
   """The uint32[2] data of a single threefry key; errors name the argument ``name``."""
-  typed = _dropout.typed_key(key, name)
+  typed = _validate.typed_key(key, name)
   impl = str(jax.random.key_impl(typed))
   if impl != _dropout._THREEFRY:
     raise ValueError(
