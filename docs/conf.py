@@ -18,7 +18,10 @@ rewritten links.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import pathlib
+import textwrap
 
 import jaxdrop
 
@@ -81,7 +84,33 @@ def _resolve_unqualified(app, env, node, contnode):
       env, node["refdoc"], app.builder, node["reftype"], f"jaxdrop.{target}", node, contnode)
 
 
+def _constructor_signature(app, what, name, obj, options, signature, return_annotation):
+  """nnx modules: their ``__init__``'s signature, not their metaclass's ``(*args, **kwargs)``.
+
+  Defaults as written in the source (``nnx.initializers.lecun_normal()``, not a function's
+  repr), without annotations, as ``autodoc_typehints`` and ``autodoc_preserve_defaults`` do.
+  """
+  if what != "class" or signature != "(*args, **kwargs)" or not name.startswith("jaxdrop."):
+    return None
+  source = textwrap.dedent(inspect.getsource(inspect.unwrap(obj.__init__)))
+  args = ast.parse(source).body[0].args
+  positional = args.posonlyargs + args.args
+  defaults = [None] * (len(positional) - len(args.defaults)) + args.defaults
+  params = [(a.arg, d) for a, d in zip(positional, defaults)][1:]  # Without self.
+  text = [a if d is None else f"{a}={ast.get_source_segment(source, d)}" for a, d in params]
+  if args.vararg:
+    text.append(f"*{args.vararg.arg}")
+  elif args.kwonlyargs:
+    text.append("*")
+  text += [a.arg if d is None else f"{a.arg}={ast.get_source_segment(source, d)}"
+           for a, d in zip(args.kwonlyargs, args.kw_defaults)]
+  if args.kwarg:
+    text.append(f"**{args.kwarg.arg}")
+  return f"({', '.join(text)})", return_annotation
+
+
 def setup(app):
+  app.connect("autodoc-process-signature", _constructor_signature)
   app.connect("source-read", _add_navigation)
   app.connect("build-finished", _write_index)
   app.connect("missing-reference", _resolve_unqualified)

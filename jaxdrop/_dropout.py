@@ -434,7 +434,8 @@ def relu_dropout(
     dropped and rescaled activation, tagged like :func:`dropout`'s output.
 
   Raises:
-    As :func:`dropout`.
+    ValueError: as for :func:`dropout`.
+    TypeError: as for :func:`dropout`.
 
   Note:
     The derivative is a ``custom_vjp``: reverse mode (``grad``, ``vjp``) only.

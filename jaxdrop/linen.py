@@ -169,7 +169,8 @@ class ReluDropout(Dropout):
   differentiation only (a ``custom_vjp``).
 
   Attributes:
-    As :class:`Dropout`.
+    rate, broadcast_dims, deterministic, rng_collection, bits: as for
+      :class:`Dropout`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxdrop

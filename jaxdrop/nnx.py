@@ -233,7 +233,8 @@ class ReluDropout(Dropout):
   (a ``custom_vjp``).
 
   Args:
-    As :class:`Dropout`.
+    rate, broadcast_dims, deterministic, rng_collection, rngs, bits: as for
+      :class:`Dropout`.
 
   Examples:
     >>> import jax.numpy as jnp, jaxdrop
