@@ -292,7 +292,21 @@ class SpatialDropout(_Stochastic, nnx.Module):
     return {"channel_axis": self.channel_axis, "batch_axis": self.batch_axis}
 
 
-class AlphaDropout(_Stochastic, nnx.Module):
+class _RateOnly(_Stochastic, nnx.Module):
+  """A module whose one option is its rate: the constructor they share."""
+
+  def __init__(
+      self,
+      rate: float,
+      *,
+      deterministic: bool | None = False,
+      rng_collection: str = "dropout",
+      rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
+    self._init_stochastic(rate, deterministic, rng_collection, rngs)
+
+
+class AlphaDropout(_RateOnly):
   """Alpha dropout for SELU networks; see :func:`jaxdrop.alpha_dropout`.
 
   Args:
@@ -310,20 +324,10 @@ class AlphaDropout(_Stochastic, nnx.Module):
     Array([1., 1., 1.], dtype=float32)
   """
 
-  def __init__(
-      self,
-      rate: float,
-      *,
-      deterministic: bool | None = False,
-      rng_collection: str = "dropout",
-      rngs: nnx.Rngs | nnx.RngStream | None = None,
-  ):
-    self._init_stochastic(rate, deterministic, rng_collection, rngs)
-
   function = staticmethod(_variants.alpha_dropout)
 
 
-class GaussianDropout(_Stochastic, nnx.Module):
+class GaussianDropout(_RateOnly):
   """Multiplicative N(1, rate / (1 - rate)) noise; see :func:`jaxdrop.gaussian_dropout`.
 
   Args:
@@ -339,16 +343,6 @@ class GaussianDropout(_Stochastic, nnx.Module):
     >>> layer(jnp.ones(3)).shape
     (3,)
   """
-
-  def __init__(
-      self,
-      rate: float,
-      *,
-      deterministic: bool | None = False,
-      rng_collection: str = "dropout",
-      rngs: nnx.Rngs | nnx.RngStream | None = None,
-  ):
-    self._init_stochastic(rate, deterministic, rng_collection, rngs)
 
   function = staticmethod(_variants.gaussian_dropout)
 
