@@ -19,9 +19,12 @@ rewritten links.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import pathlib
 import textwrap
+
+from flax import linen
 
 import jaxdrop
 
@@ -84,13 +87,47 @@ def _resolve_unqualified(app, env, node, contnode):
       env, node["refdoc"], app.builder, node["reftype"], f"jaxdrop.{target}", node, contnode)
 
 
-def _constructor_signature(app, what, name, obj, options, signature, return_annotation):
-  """nnx modules: their ``__init__``'s signature, not their metaclass's ``(*args, **kwargs)``.
+def _field_defaults(cls) -> dict[str, str]:
+  """The source text of each dataclass field's default in ``cls`` and its jaxdrop bases."""
+  defaults = {}
+  for base in reversed(cls.__mro__):
+    if not base.__module__.startswith("jaxdrop"):
+      continue
+    source = textwrap.dedent(inspect.getsource(base))
+    for node in ast.parse(source).body[0].body:
+      if isinstance(node, ast.AnnAssign) and node.value is not None:
+        defaults[node.target.id] = ast.get_source_segment(source, node.value)
+  return defaults
 
-  Defaults as written in the source (``nnx.initializers.lecun_normal()``, not a function's
-  repr), without annotations, as ``autodoc_typehints`` and ``autodoc_preserve_defaults`` do.
+
+def _linen_signature(cls) -> str:
+  """A linen module's fields as its constructor takes them, without flax's parent and name."""
+  defaults = _field_defaults(cls)
+  text = []
+  for field in dataclasses.fields(cls):
+    if field.name in ("parent", "name"):
+      continue
+    if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+      text.append(field.name)
+    else:
+      text.append(f"{field.name}={defaults.get(field.name, repr(field.default))}")
+  return f"({', '.join(text)})"
+
+
+def _constructor_signature(app, what, name, obj, options, signature, return_annotation):
+  """Module signatures as a user writes the constructor call.
+
+  linen modules: their fields, not the dataclass ``__init__`` with flax's ``parent`` and
+  ``name``; nnx modules: their ``__init__``'s signature, not their metaclass's
+  ``(*args, **kwargs)``. Defaults as written in the source (``nnx.initializers.lecun_normal()``,
+  not a function's repr), without annotations, as ``autodoc_typehints`` and
+  ``autodoc_preserve_defaults`` do.
   """
-  if what != "class" or signature != "(*args, **kwargs)" or not name.startswith("jaxdrop."):
+  if what != "class" or not name.startswith("jaxdrop."):
+    return None
+  if isinstance(obj, type) and issubclass(obj, linen.Module):
+    return _linen_signature(obj), return_annotation
+  if signature != "(*args, **kwargs)":
     return None
   source = textwrap.dedent(inspect.getsource(inspect.unwrap(obj.__init__)))
   args = ast.parse(source).body[0].args
@@ -135,6 +172,7 @@ autodoc_member_order = "bysource"
 # No type hints: jax.typing.ArrayLike would print as the 8-type union it stands for; each
 # docstring says what an argument is.
 autodoc_typehints = "none"
+napoleon_attr_annotations = False
 autodoc_preserve_defaults = True
 
 html_theme = "furo"

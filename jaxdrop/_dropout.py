@@ -334,7 +334,7 @@ def dropout(
 
   Each element is dropped (set to 0) with probability ``rate`` -- **rate is
   the probability to drop, not to keep** -- and every kept element becomes
-  ``x / p_keep``, so the expected output equals ``x``:
+  ``x / p_keep``, so the expected output equals ``x``::
 
     y = where(bits >= t, x * (1 / p_keep), 0),  p_keep = (2**32 - t) / 2**32
 

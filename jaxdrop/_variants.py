@@ -217,7 +217,7 @@ def gaussian_dropout(
 
   Srivastava et al. (2014, section 10) replace the Bernoulli mask of dropout
   by ``N(1, sigma**2)`` noise with the same variance,
-  ``sigma**2 = rate / (1 - rate)`` (Keras' ``GaussianDropout``):
+  ``sigma**2 = rate / (1 - rate)`` (Keras' ``GaussianDropout``)::
 
     y = x * (1 + sigma * eps),  eps ~ N(0, 1) from jax.random.normal
 
