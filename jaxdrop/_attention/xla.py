@@ -35,9 +35,25 @@ class BlockSizes(NamedTuple):
 
   @classmethod
   def for_shape(cls, rows: int, cols: int) -> BlockSizes:
-    """The defaults, shrunk to the sequence lengths."""
+    """Tiles of at most the default sizes that pad the sequence lengths little.
+
+    As many tiles as the defaults need, made as even as their alignment allows (``q`` a
+    multiple of 8 or the whole length, ``k`` a multiple of 32), so that a length just past a multiple of a default tile
+    (ViT's 1024 patches + 1 class token) pads a few rows, not a whole tile: T = S = 1025
+    gets 5 x 3 tiles of 208 x 352 (1040 x 1056 padded) instead of 5 x 3 of 256 x 512
+    (1280 x 1536).
+    """
     default = cls()
-    return cls(q=min(default.q, rows), k=min(default.k, _round_up(cols, mask_lib.WORD)))
+    # A single query tile is the whole length: a decoding step's T = 1 pads nothing.
+    q = min(_even_tile(rows, default.q, 8), max(rows, 1))
+    return cls(q=q, k=_even_tile(cols, default.k, mask_lib.WORD))
+
+
+def _even_tile(length: int, largest: int, multiple: int) -> int:
+  """The multiple of ``multiple`` (at most ``largest``, itself a multiple) that tiles
+  ``length`` with the fewest tiles and, among those, the least padding."""
+  tiles = -(-max(length, 1) // largest)
+  return _round_up(-(-max(length, 1) // tiles), multiple)
 
 
 def _round_up(n: int, multiple: int) -> int:
