@@ -16,6 +16,7 @@ import errno
 import glob
 import io
 import json
+import logging
 import os
 import random
 import shutil
@@ -377,6 +378,13 @@ WORKDIR_ERRORS = {
         lambda d: os.makedirs(f"{d}/w/metrics.jsonl"), [],
         "{d}/w/metrics.jsonl is not a file: move it away",
     ),
+    "lock is a directory": (
+        lambda d: os.makedirs(f"{d}/w/lock"), [], "{d}/w/lock is not a file: move it away",
+    ),
+    "config.json is a directory": (
+        lambda d: os.makedirs(f"{d}/w/config.json"), ["--resume"],
+        "{d}/w/config.json is not a file: move it away",
+    ),
 }
 
 
@@ -470,21 +478,37 @@ def test_one_writer_per_workdir_and_no_stale_lock_after_kill(tmp_path, capsys):
     assert (tmp_path / "lock").read_text() == f"{os.getpid()}\n"
 
 
-def test_a_full_disk_keeps_the_steps_saved_before_it(small_run, tmp_path, monkeypatch, capsys):
+# A full disk as Python's file functions report it, and as orbax's writers do (seen on a
+# 2 MiB tmpfs, jax 0.10.2, orbax-checkpoint 0.11): each thread logs it, then it is raised.
+FULL_DISK = {
+    "OSError": lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+    "orbax": lambda: ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "opt_state.0.count/0" in OCDBT database at local '
+        'file "x/ocdbt.process_0/": Failed writing: "x/ocdbt.process_0/d/1fa8": Failed to write '
+        "1146849 bytes to file 18: No space left on device [os_error_code='28']"),
+}
+
+
+@pytest.mark.parametrize("raised", FULL_DISK)
+def test_a_full_disk_keeps_the_steps_saved_before_it(raised, small_run, tmp_path, monkeypatch,
+                                                     capsys, caplog):
   real_save = checkpoints.ocp.Checkpointer.save
 
   def save(self, directory, *args, **kwargs):
     if os.path.basename(os.fspath(directory)) == "40.partial":
       _file(os.path.join(directory, "half"))
-      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      logging.getLogger("absl").error("_SignalingThread.run() raised an exception")
+      raise FULL_DISK[raised]()
     return real_save(self, directory, *args, **kwargs)
 
   with monkeypatch.context() as patch:
     patch.setattr(checkpoints.ocp.Checkpointer, "save", save)
     assert train.run([*SMALL, "--workdir", str(tmp_path)]) == 1
   run_dir = tmp_path / "checkpoints" / "rate0-seed0"
-  assert (f"error: saving step 40 to {run_dir}/40 failed (OSError: [Errno 28] No space left "
-          f"on device); the steps saved before it are kept (steps: 20)") in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert (f"error: saving step 40 to {run_dir}/40 failed (the disk is full: free space, then "
+          f"rerun with --resume); the steps saved before it are kept (steps: 20)") in err
+  assert "_SignalingThread" not in caplog.text  # Orbax's own log of it stays quiet.
   assert os.listdir(run_dir) == ["20"]  # And no partial save.
   resumed = train.main([*SMALL, "--workdir", str(tmp_path), "--resume"])
   assert resumed["runs"] == small_run[1]["runs"]

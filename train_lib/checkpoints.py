@@ -22,8 +22,11 @@ steps saved before it are kept.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -159,6 +162,27 @@ def restore_latest(directory: str, state: Any, log: Callable[[str], None] = prin
   return restored
 
 
+@contextlib.contextmanager
+def _orbax_logs_quiet():
+  """Orbax logs a failed save's traceback from each of its threads (``ERROR:absl``) before
+  it raises; the ``CheckpointError`` says what failed once."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _reason(error: BaseException) -> str:
+  """What made a save fail, in words a user can act on."""
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC or (
+      "No space left on device" in str(error)):  # Orbax's writers raise it as a ValueError.
+    return "the disk is full: free space, then rerun with --resume"
+  return f"{type(error).__name__}: {str(error)[:300]}"
+
+
 class Checkpointer:
   """Saves a run's train state every so often, keeping the newest `keep` steps.
 
@@ -199,14 +223,15 @@ class Checkpointer:
 
     try:
       _on_primary(lambda: shutil.rmtree(partial, ignore_errors=True), f"clear:{partial}")
-      self._orbax.save(partial, args=ocp.args.StandardSave(state))
+      with _orbax_logs_quiet():
+        self._orbax.save(partial, args=ocp.args.StandardSave(state))
       _on_primary(commit, f"save:{final}")
     except Exception as error:  # noqa: BLE001 -- whatever failed, the save did not happen.
       _on_primary(lambda: remove_partial_saves(self.directory), f"failed:{partial}")
       kept = ", ".join(map(str, saved_steps(self.directory))) or "none"
       raise CheckpointError(
-          f"saving step {step} to {final} failed ({type(error).__name__}: "
-          f"{str(error)[:300]}); the steps saved before it are kept (steps: {kept})"
+          f"saving step {step} to {final} failed ({_reason(error)}); the steps saved before "
+          f"it are kept (steps: {kept})"
       ) from error
 
   def close(self) -> None:

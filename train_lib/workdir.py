@@ -146,7 +146,8 @@ def resolve(path: str) -> str:
 
 def _check_usable(workdir: str) -> None:
   """ValueError unless `workdir` is, or can be made as, a writable directory whose
-  metrics.jsonl (if any) holds only train.py's rows."""
+  lock, config.json and metrics.jsonl (those there) are files, metrics.jsonl holding
+  only train.py's rows."""
   existing = workdir
   while not os.path.lexists(existing):
     existing = os.path.dirname(existing)
@@ -156,10 +157,11 @@ def _check_usable(workdir: str) -> None:
   if not os.access(existing, os.W_OK | os.X_OK):
     where = "" if existing == workdir else f" ({existing} is where it would be made)"
     raise ValueError(f"--workdir {workdir} is not writable{where}")
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  if os.path.lexists(metrics) and not os.path.isfile(metrics):
-    raise ValueError(f"{metrics} is not a file: move it away")
-  read_rows(metrics)
+  for name in ("lock", "config.json", "metrics.jsonl"):
+    path = os.path.join(workdir, name)
+    if os.path.lexists(path) and not os.path.isfile(path):
+      raise ValueError(f"{path} is not a file: move it away")
+  read_rows(os.path.join(workdir, "metrics.jsonl"))
 
 
 def find(workdir: str, resume: bool, model: str, signature: dict[str, Any]) -> str:
