@@ -21,17 +21,9 @@ Kernels (grids in parentheses; ``i``/``j`` index query/key blocks):
   bias broadcasts over.
 
 Every kernel recomputes its dropout mask tile from the head key of
-:func:`mask.head_keys`: counter ``c = t * ceil(S / 8) + s // 8`` hashes with
-Threefry-2x32 to 64 bits, which decide the eight weights ``s = 8 * (s // 8) +
-0..7`` (byte ``s % 8``, most significant first; :mod:`jaxdrop._attention.mask`
-defines it). So a ``bq x bk`` tile costs ``bq * bk / 8`` hashes, and the mask is
-never read or written. The ``(bq, bk / 8)`` hash tile becomes the ``(bq, bk)``
-byte tile by three two-way joins (``tt.join``, as Pallas unpacks int4): words
-into halves, halves into bytes, then a reshape, so byte ``s % 8`` lands at
-column ``s``. (Two other ways to the same bits, broadcasting each word to eight
-lanes and shifting, or hashing every element with its group's counter, made
-XLA's Triton pipeline in jax 0.10 crash or run out of host memory compiling the
-dk/dv kernel at 64 x 64 tiles; they were removed.)
+:func:`jaxdrop._masks.head_keys` with :func:`jaxdrop._masks.keep8_tile`, the
+in-kernel form of the 8-bit attention mask: a ``bq x bk`` tile costs
+``bq * bk / 8`` hashes, and the mask is never read or written.
 
 With ``is_causal`` the loops skip blocks that lie wholly above the diagonal:
 the forward and dq kernels stop at the last key block a query block can see,
@@ -55,17 +47,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxdrop import _threefry
+from jaxdrop import _masks
 from jaxdrop._attention import base
-from jaxdrop._attention import mask as mask_lib
 
 _F32 = jnp.float32
-_U32 = jnp.uint32
 _LOG2E = math.log2(math.e)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _MIN_BLOCK = 16  # Triton's dot needs 16 rows and columns.
@@ -185,7 +174,7 @@ class _Static(NamedTuple):
 
   @property
   def groups_per_row(self) -> int:  # hashes per mask row: ceil(S / 8)
-    return -(-self.cols // mask_lib.LANES)
+    return -(-self.cols // _masks.LANES_8)
 
   def compiler_params(self, rows: int, cols: int):
     """Launch options of a kernel whose tiles are ``rows x cols``."""
@@ -199,25 +188,6 @@ class _Static(NamedTuple):
 
 # ----------------------------------------------------------------------------
 # Tile computations shared by the kernels (traced inside them).
-
-
-def _keep_tile(st: _Static, k0, k1, threshold, t0, s0, rows: int, cols: int):
-  """bool[rows, cols]: the dropout mask at queries ``t0 +`` and keys ``s0 +``.
-
-  ``s0`` is a multiple of 8, so a row of the tile is ``cols / 8`` whole hash
-  groups (see the module docstring).
-  """
-  groups = cols // mask_lib.LANES
-  t = lax.broadcasted_iota(jnp.int32, (rows, groups), 0) + t0
-  g = lax.broadcasted_iota(jnp.int32, (rows, groups), 1) + (s0 >> 3)
-  counter = t.astype(_U32) * np.uint32(st.groups_per_row) + g.astype(_U32)
-  hi, lo = _threefry.threefry2x32(k0, k1, jnp.zeros_like(counter), counter)
-  # Column g * 8 + 4 * word + 2 * half + byte_in_half: byte s % 8, MSB first.
-  words = jnp.stack([hi, lo], axis=-1)
-  halves = jnp.stack([words >> np.uint32(16), words], axis=-1)
-  quarters = jnp.stack([halves >> np.uint32(8), halves], axis=-1)
-  byte = (quarters & np.uint32(0xFF)).reshape(rows, cols)
-  return byte >= threshold
 
 
 def _load_broadcast(ref, dims: _Dims, head, t0, rows: int, s0, cols: int):
@@ -289,7 +259,8 @@ def _forward_kernel(*refs, st: _Static, names: tuple[str, ...]):
     rescale = jnp.exp2(top - safe_top)
     total = total * rescale + jnp.sum(weights, axis=1)
     if st.dropout:
-      weights = jnp.where(_keep_tile(st, k0, k1, threshold, t0, s0, bq, bk), weights, 0.0)
+      keep = _masks.keep8_tile(k0, k1, threshold, t0, s0, bq, bk, st.groups_per_row)
+      weights = jnp.where(keep, weights, 0.0)
     v = r["v"][pl.ds(s0, bk), :]
     acc = acc * rescale[:, None] + _dot(st, weights.astype(v.dtype), v, ((1,), (0,)))
     return acc, new_top, total
@@ -329,7 +300,7 @@ def _dq_kernel(*refs, st: _Static, names: tuple[str, ...]):
     probs = jnp.exp2(_scores(st, q, k, bias, mask, t0, s0, bq, bk) - lse[:, None])
     d_probs = _dot(st, d_out, r["v"][pl.ds(s0, bk), :], ((1,), (1,)))
     if st.dropout:
-      keep = _keep_tile(st, k0, k1, threshold, t0, s0, bq, bk)
+      keep = _masks.keep8_tile(k0, k1, threshold, t0, s0, bq, bk, st.groups_per_row)
       d_probs = jnp.where(keep, d_probs * dscale, 0.0)
     d_scores = probs * (d_probs - delta[:, None])
     return dq + _dot(st, d_scores.astype(k.dtype), k, ((1,), (0,)))
@@ -371,7 +342,7 @@ def _dkdv_kernel(*refs, st: _Static, names: tuple[str, ...]):
       d_probs = _dot(st, d_out, v, ((1,), (1,)))
       used = probs
       if st.dropout:
-        keep = _keep_tile(st, k0, k1, threshold, t0, s0, bq, bk)
+        keep = _masks.keep8_tile(k0, k1, threshold, t0, s0, bq, bk, st.groups_per_row)
         used = jnp.where(keep, probs, 0.0)  # times dscale, applied to dv at the end
         d_probs = jnp.where(keep, d_probs * r["dscale"][()], 0.0)
       dv = dv + _dot(st, used.astype(d_out.dtype), d_out, ((0,), (0,)))
@@ -434,7 +405,8 @@ def _dbias_kernel(*refs, st: _Static, names: tuple[str, ...], bq: int, bk: int):
       keys = r["keys"]
       key_b = 0 if st.shared_keys else b
       key_n = 0 if st.shared_keys else n
-      keep = _keep_tile(st, keys[key_b, key_n, 0], keys[key_b, key_n, 1], threshold, t0, s0, bq, bk)
+      k0, k1 = keys[key_b, key_n, 0], keys[key_b, key_n, 1]
+      keep = _masks.keep8_tile(k0, k1, threshold, t0, s0, bq, bk, st.groups_per_row)
       d_probs = jnp.where(keep, d_probs * dscale, 0.0)
     d_scores = probs * (d_probs - delta[:, None])
     if not dims.t:
@@ -737,9 +709,8 @@ def prepare(
   keys = threshold = dscale = None
   if st.dropout:
     resolved = config.resolve(rate)
-    keys = mask_lib.head_keys(key_data, *config.dropout_heads)
-    # A rate of 1 keeps nothing: no byte reaches 256.
-    threshold = jnp.where(resolved.keep_any, resolved.threshold, np.uint32(256)).astype(_U32)
+    keys = _masks.head_keys(key_data, *config.dropout_heads)
+    threshold = _masks.kernel_threshold(resolved, _masks.ATTENTION_BITS)
     dscale = resolved.scale.astype(_F32)
   return Prepared(st, (q, k, v, bias, mask, keys, threshold, dscale))
 
