@@ -138,19 +138,14 @@ def mask_shape_for(shape: tuple[int, ...], broadcast_dims: Sequence[int]) -> tup
 
 
 def dropout(
-    key: jax.typing.ArrayLike | None,
-    x: jax.typing.ArrayLike,
-    rate: float | jax.typing.ArrayLike,
-    deterministic: bool = False,
-    *,
-    broadcast_dims: Sequence[int] = (),
-    bits: int = 32,
+    key: jax.typing.ArrayLike | None, x: jax.typing.ArrayLike, rate: float | jax.typing.ArrayLike,
+    deterministic: bool = False, *, broadcast_dims: Sequence[int] = (), bits: int = 32,
 ) -> jax.Array:
   """Randomly zeroes elements of ``x`` and rescales the rest.
 
   Each element is dropped (set to 0) with probability ``rate`` -- **rate is
   the probability to drop, not to keep** -- and every kept element becomes
-  ``x / p_keep``, so the expected output equals ``x``:
+  ``x / p_keep``, so the expected output equals ``x``::
 
     y = where(bits >= t, x * (1 / p_keep), 0),  p_keep = (2**32 - t) / 2**32
 
@@ -219,13 +214,8 @@ def dropout(
 
 
 def relu_dropout(
-    key: jax.typing.ArrayLike | None,
-    x: jax.typing.ArrayLike,
-    rate: float | jax.typing.ArrayLike,
-    deterministic: bool = False,
-    *,
-    broadcast_dims: Sequence[int] = (),
-    bits: int = 32,
+    key: jax.typing.ArrayLike | None, x: jax.typing.ArrayLike, rate: float | jax.typing.ArrayLike,
+    deterministic: bool = False, *, broadcast_dims: Sequence[int] = (), bits: int = 32,
 ) -> jax.Array:
   """``dropout(key, jax.nn.relu(x), rate, ...)``, whose backward pass keeps only the output.
 
