@@ -11,7 +11,8 @@ mask code was moved into one module, and must never change: **a change of a
 hash here is a breaking change** of the mask (see CHANGELOG.md), not a test to
 update. The oracle tests (tests/test_dropout.py, tests/test_fast_mode.py,
 tests/test_attention.py) check the same masks against the documented formulas;
-these pin them where a formula and the code could drift together.
+these pin them where a formula and the code could drift together. The last tests
+check that each layout's in-kernel form computes what its XLA form does.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import pytest
 
 import jaxdrop
+from jaxdrop import _masks
 
 _THREEFRY = "threefry2x32"
 
@@ -176,3 +178,47 @@ def test_masks_are_pinned(name):
 
 def test_every_case_is_pinned():
   assert sorted(EXPECTED) == sorted(CASES)
+
+
+# ----------------------------------------------------------------------------
+# Each layout's in-kernel form (run here as plain jax.numpy) equals its XLA form.
+
+
+@pytest.mark.parametrize("rate", [0.3, 1.0])
+def test_16_bit_kernel_tile_is_the_fast_mode_mask(rate):
+  key = jax.random.key(11)
+  n, size = 1024, 256
+  resolved = _masks.resolve_rate(jnp.float32(rate), jnp.float32, 16)
+  threshold = _masks.kernel_threshold(resolved, 16)
+  key_data = jax.random.key_data(key)
+  tiles = [
+      _masks.keep16_tile(key_data[0], key_data[1], threshold, jnp.uint32(start // 4), size)
+      for start in range(0, n, size)
+  ]
+  expected = jaxdrop.keep_mask(key, (n,), rate, bits=16)
+  np.testing.assert_array_equal(jnp.concatenate(tiles), expected)
+
+
+@pytest.mark.parametrize("rate", [0.3, 1.0])
+def test_8_bit_kernel_tile_is_the_attention_mask(rate):
+  key = jax.random.key(11)
+  shape = (2, 3, 40, 72)  # S not a multiple of the 16-column tiles: the last tile overhangs.
+  resolved = _masks.resolve_rate(jnp.float32(rate), jnp.float32, _masks.ATTENTION_BITS)
+  threshold = _masks.kernel_threshold(resolved, _masks.ATTENTION_BITS)
+  keys = _masks.head_keys(jax.random.key_data(key), *shape[:2])
+  expected = np.asarray(jaxdrop.attention_keep_mask(key, shape, rate))
+  groups_per_row = -(-shape[3] // _masks.LANES_8)
+  rows, cols = 8, 16
+  for b, n in [(0, 0), (1, 2)]:
+    tiles = [
+        [
+            _masks.keep8_tile(
+                keys[b, n, 0], keys[b, n, 1], threshold, jnp.int32(t0), jnp.int32(s0),
+                rows, cols, groups_per_row,
+            )
+            for s0 in range(0, shape[3], cols)
+        ]
+        for t0 in range(0, shape[2], rows)
+    ]
+    mask = np.block([[np.asarray(tile) for tile in row] for row in tiles])
+    np.testing.assert_array_equal(mask[:, : shape[3]], expected[b, n])
