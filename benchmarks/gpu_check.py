@@ -20,14 +20,14 @@ _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(_ROOT), str(_ROOT / "tests")]
 import jaxdrop  # noqa: E402
 from conftest import reference_keep16  # noqa: E402
-from jaxdrop._dropout import quantize_rate  # noqa: E402
+from jaxdrop._masks import quantize_rate  # noqa: E402
 
 
 def main() -> None:
   print("devices:", jax.devices())
   key = jax.random.key(42)
   t, _ = quantize_rate(0.3, 32)
-  # (1000, 64): rows of whole packed fast-mode words (_threefry.word_shape), a layout of its own.
+  # (1000, 64): rows of whole packed fast-mode words (_masks.word_shape), a layout of its own.
   for shape in [(7,), (1000, 33), (1000, 64), (2**20,), (3, 5, 7)]:
     expected = jax.random.bits(key, shape, jnp.uint32) >= np.uint32(t)
     np.testing.assert_array_equal(jaxdrop.keep_mask(key, shape, 0.3), expected)

@@ -29,9 +29,9 @@ import optax
 
 import bench
 import common
-from jaxdrop import _dropout, _threefry
+from jaxdrop import _masks, _threefry
 
-_LANES = _threefry.LANES_16
+_LANES = _masks.LANES_16
 
 
 def unpacked_dropout(key: jax.Array, x: jax.Array, rate: float, lanes_axis: bool = False):
@@ -41,7 +41,7 @@ def unpacked_dropout(key: jax.Array, x: jax.Array, rate: float, lanes_axis: bool
   ``L % 4`` of it, most significant first: the same mask as the library. With
   ``lanes_axis`` the result keeps the (n/4, 4) shape.
   """
-  resolved = _dropout.resolve_rate(rate, jnp.float32, bits=16)
+  resolved = _masks.resolve_rate(rate, jnp.float32, bits=16)
   key_data = jax.random.key_data(key)
   shape = (x.size // _LANES, _LANES)
   counter = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)

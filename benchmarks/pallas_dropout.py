@@ -2,12 +2,10 @@
 
 XLA computes a fusion once per output element, so the four elements that share
 a Threefry hash in the fast mode either recompute it four times or go through
-a packed word buffer (:func:`jaxdrop._threefry.packed_keep16`, a second
+a packed word buffer (:func:`jaxdrop._masks.packed_keep16`, a second
 fusion). A kernel computes each hash once and spends its four 16-bit lanes
-directly: a program owns ``block`` consecutive elements (row-major) and
-hashes the ``block / 4`` counters ``i`` of ``u64[i]``; the lanes ``hi >> 16,
-hi & 0xFFFF, lo >> 16, lo & 0xFFFF`` become four adjacent elements through
-two two-way joins and a reshape, as the attention kernels lay out their bytes.
+directly: a program owns ``block`` consecutive elements (row-major), whose
+decisions are the fast mode's in-kernel form, :func:`jaxdrop._masks.keep16_tile`.
 
 The result is bit for bit :func:`jaxdrop.dropout` with ``bits=16`` (the tests
 check it in the Pallas interpreter), and its gradient applies the same kernel
@@ -26,13 +24,11 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 import common  # noqa: F401 -- puts the checkout on sys.path
-from jaxdrop import _dropout, _threefry, _validate
+from jaxdrop import _dropout, _masks, _validate
 
 _U32 = jnp.uint32
 _COMPILER_PARAMS = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
@@ -40,28 +36,22 @@ BLOCK = 4096  # elements per program (a power of two, a multiple of 4)
 
 
 def _kernel(key_ref, threshold_ref, scale_ref, fill_ref, x_ref, out_ref, *, block: int):
-  groups = block // _threefry.LANES_16
-  first = (pl.program_id(0) * groups).astype(_U32)
-  counter = lax.broadcasted_iota(_U32, (groups,), 0) + first
-  hi, lo = _threefry.threefry2x32(key_ref[0], key_ref[1], jnp.zeros_like(counter), counter)
-  words = jnp.stack([hi, lo], axis=-1)
-  lanes = jnp.stack([words >> np.uint32(16), words & np.uint32(0xFFFF)], axis=-1)
-  keep = lanes.reshape(block) >= threshold_ref[()]
+  first_hash = (pl.program_id(0) * (block // _masks.LANES_16)).astype(_U32)
+  keep = _masks.keep16_tile(key_ref[0], key_ref[1], threshold_ref[()], first_hash, block)
   scale = scale_ref[()]
   x = x_ref[...]
   y = jnp.where(keep, x.astype(scale.dtype) * scale, fill_ref[()])
   out_ref[...] = y.astype(out_ref.dtype)
 
 
-def _apply(key_data, x, resolved: _dropout._Threshold, block: int, interpret: bool):
+def _apply(key_data, x, resolved: _masks.Threshold, block: int, interpret: bool):
   """``where(lane16 >= t, x * scale, fill)`` over ``x`` flattened (padded to ``block``)."""
   n = x.size
   padded = -(-n // block) * block
   flat = x.reshape(n)
   if padded != n:
     flat = jnp.pad(flat, (0, padded - n))
-  # keep_any False (a rate of 1) keeps nothing: no 16-bit lane reaches 2**16.
-  threshold = jnp.where(resolved.keep_any, resolved.threshold, np.uint32(2**16)).astype(_U32)
+  threshold = _masks.kernel_threshold(resolved, 16)
   scalar = pl.BlockSpec((), lambda i: ())
   out = pl.pallas_call(
       functools.partial(_kernel, block=block),
@@ -129,10 +119,10 @@ def dropout16(
   if fixed == 1.0:
     return jnp.zeros_like(x)
   key_data, impl = _validate.split_key(key)
-  _dropout._mask_spec(impl, x.shape, 16)  # Checks the key and size as the XLA path does.
+  _masks.mask_spec(impl, x.shape, 16)  # Checks the key and size as the XLA path does.
   if math.prod(x.shape) == 0:
     return x
-  resolved = _dropout.resolve_rate(rate, x.dtype, 16)
+  resolved = _masks.resolve_rate(rate, x.dtype, 16)
   y = _dropout16(key_data, x, resolved, block, bool(interpret))
   return jax.ad_checkpoint.checkpoint_name(y, _dropout.CHECKPOINT_NAME)
 

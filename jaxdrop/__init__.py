@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from jaxdrop import mc as mc
 from jaxdrop._attention.api import dot_product_attention as dot_product_attention
-from jaxdrop._attention.mask import attention_keep_mask as attention_keep_mask
 from jaxdrop._dropout import CHECKPOINT_NAME as CHECKPOINT_NAME
 from jaxdrop._dropout import dropout as dropout
-from jaxdrop._dropout import keep_mask as keep_mask
-from jaxdrop._dropout import keep_probability as keep_probability
 from jaxdrop._dropout import relu_dropout as relu_dropout
+from jaxdrop._masks import attention_keep_mask as attention_keep_mask
+from jaxdrop._masks import keep_mask as keep_mask
+from jaxdrop._masks import keep_probability as keep_probability
 from jaxdrop._variants import alpha_dropout as alpha_dropout
 from jaxdrop._variants import drop_path as drop_path
 from jaxdrop._variants import drop_path_rates as drop_path_rates

@@ -1,14 +1,9 @@
-"""Dropout as a pure function: the whole algorithm of jaxdrop lives here.
+"""Dropout as a pure function: the custom derivative and the public dropout API.
 
-Each mask element gets 32 random bits ``b`` and is kept when ``b >= t``, where
-the integer threshold ``t`` comes from ``rate``. The keep probability is then
-exactly ``p_keep = (2**32 - t) / 2**32`` and survivors are scaled by exactly
-``1 / p_keep``, so ``E[dropout(x)] == x``.
-
-For threefry keys the bits are JAX's own partitionable-threefry bits,
-recomputed from the key by the fused hash in :mod:`jaxdrop._threefry`; other key
-implementations use ``jax.random.bits``. Either way the mask equals
-``jax.random.bits(key, mask_shape, jnp.uint32) >= t``.
+``dropout(key, x, rate)`` is ``where(keep, x * (1 / p_keep), 0)``, with the
+mask ``keep`` and the exact keep probability ``p_keep`` from
+:mod:`jaxdrop._masks` (``keep == jaxdrop.keep_mask(key, mask_shape, rate)``),
+so ``E[dropout(x)] == x``.
 
 The derivative is a ``custom_jvp`` whose tangent recomputes the mask under
 ``jax.checkpoint``: reverse mode keeps only the key, threshold and scale for the
@@ -19,194 +14,35 @@ backward pass, never a mask or a bits array. Every output is tagged with
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxdrop import _masks
 from jaxdrop import _threefry
 from jaxdrop._validate import check_bits
 from jaxdrop._validate import check_deterministic
 from jaxdrop._validate import check_input
-from jaxdrop._validate import check_shape
 from jaxdrop._validate import normalize_axes
 from jaxdrop._validate import split_key
 from jaxdrop._validate import static_rate
-
-_THREEFRY = "threefry2x32"
 
 # The name every dropout output carries, for jax.checkpoint policies such as
 # jax.checkpoint_policies.save_any_names_but_these(CHECKPOINT_NAME) (see dropout).
 CHECKPOINT_NAME = "jaxdrop.dropout"
 
 
-class _Threshold(NamedTuple):
-  """A resolved rate: what the masking kernel needs, all scalars."""
-
-  threshold: jax.Array  # uint32: keep when bits >= threshold.
-  keep_any: jax.Array  # bool: False when rate == 1 (t would be 2**32).
-  scale: jax.Array  # 1 / p_keep in the compute dtype (0 when rate == 1).
-  fill: jax.Array  # value of dropped elements: 0, or NaN for an invalid rate.
-  valid: jax.Array  # bool: False for a traced rate outside [0, 1] or NaN.
-
-
 # ----------------------------------------------------------------------------
-# Rate to threshold.
-
-
-def compute_dtype(dtype: Any) -> np.dtype:
-  """float32, or wider: bf16/f16 inputs are scaled in float32, then cast once."""
-  dtype = np.dtype(dtype)
-  return dtype if dtype.itemsize >= 4 else np.dtype(np.float32)
-
-
-def quantize_rate(rate: float, bits: int) -> tuple[int, float]:
-  """The integer threshold and exact keep probability of a static ``rate``.
-
-  The one host-side definition of how a rate becomes a mask decision: a
-  ``bits``-bit uniform value ``u`` is kept when ``u >= t`` with
-  ``t = min(round(rate * 2**bits), 2**bits - 1)`` for ``rate < 1``, so
-  ``p_keep = (2**bits - t) / 2**bits`` exactly. Rounding puts ``p_keep`` within
-  ``2**-(bits+1)`` of ``1 - rate``, and a rate that close to 1 keeps one value
-  in ``2**bits`` rather than rounding to "drop all". ``rate == 1`` gives
-  ``t = 2**bits`` and ``p_keep = 0``: nothing is kept.
-
-  Args:
-    rate: probability to drop, a Python or NumPy scalar in [0, 1].
-    bits: width of each decision's random value (32, 16 or 8).
-
-  Returns:
-    ``(t, p_keep)``; survivors are scaled by exactly ``1 / p_keep``.
-  """
-  fixed = static_rate(rate)
-  if fixed is None:
-    raise TypeError(f"rate must be a static number for quantize_rate, got {rate!r}")
-  levels = 2**bits
-  if fixed == 1.0:
-    return levels, 0.0
-  threshold = min(round(fixed * levels), levels - 1)
-  return threshold, (levels - threshold) / levels
-
-
-def keep_probability(rate: float, bits: int = 32) -> float:
-  """The exact probability that dropout keeps an element at a static ``rate``.
-
-  Dropout keeps an element with probability ``p_keep = (2**bits - t) / 2**bits``,
-  ``t = min(round(rate * 2**bits), 2**bits - 1)`` for ``rate < 1`` (0 at rate
-  1), and scales survivors by exactly ``1 / p_keep``. ``p_keep`` is within
-  ``2**-(bits + 1)`` of ``1 - rate``.
-
-  Args:
-    rate: probability to drop, a Python or NumPy scalar in [0, 1].
-    bits: the mode, 32 (default) or 16 (fast mode), as for :func:`dropout`.
-
-  Returns:
-    ``p_keep`` as a Python float.
-
-  Raises:
-    ValueError: ``rate`` outside [0, 1] or NaN; ``bits`` not 32 or 16.
-    TypeError: ``rate`` is not a static number; ``bits`` not an int.
-
-  Examples:
-    >>> import jaxdrop
-    >>> jaxdrop.keep_probability(0.5), jaxdrop.keep_probability(0.1, bits=16)
-    (0.5, 0.899993896484375)
-  """
-  return quantize_rate(rate, check_bits(bits))[1]
-
-
-def resolve_rate(rate: Any, dtype: Any, bits: int = 32) -> _Threshold:
-  """Threshold, scale and fill for a rate in [0, 1) (static) or any array.
-
-  ``bits`` is the width of the random values compared with the threshold:
-  32 (the default mode) or 16 (the fast mode), so ``t`` is in [0, 2**bits).
-  """
-  dtype = compute_dtype(dtype)
-  levels = 2**bits
-  fixed = static_rate(rate)
-  if fixed is not None:
-    # Callers return zeros for a static rate of 1 before reaching here; the
-    # clamp keeps the threshold in uint32 and the scale finite regardless.
-    threshold, p_keep = quantize_rate(min(fixed, 1 - 2**-bits), bits)
-    return _Threshold(
-        threshold=jnp.asarray(threshold, jnp.uint32),
-        keep_any=jnp.asarray(True),
-        scale=jnp.asarray(1 / p_keep, dtype),
-        fill=jnp.zeros((), dtype),
-        valid=jnp.asarray(True),
-    )
-  rate = jax.lax.stop_gradient(jnp.asarray(rate))
-  rate = rate.astype(jnp.float64 if rate.dtype == jnp.float64 else jnp.float32)
-  valid = (rate >= 0) & (rate <= 1)  # False for NaN.
-  keep_any = rate < 1
-  # For rate < 1 in float32, rate * 2**32 <= 2**32 - 256: the cast is safe.
-  levels = np.asarray(levels, rate.dtype)
-  threshold = jnp.minimum(jnp.round(rate * levels), levels - 1)
-  threshold = jnp.where(valid & keep_any, threshold, 0)
-  p_keep = (levels - threshold) / levels
-  scale = jnp.where(keep_any, 1 / p_keep, 0)
-  return _Threshold(
-      threshold=threshold.astype(jnp.uint32),
-      keep_any=keep_any,
-      scale=jnp.where(valid, scale, jnp.nan).astype(dtype),
-      fill=jnp.where(valid, 0, jnp.nan).astype(dtype),
-      valid=valid,
-  )
-
-
-# ----------------------------------------------------------------------------
-# The masking kernel.
-
-
-def _fused_hash(impl: str, shape: tuple[int, ...]) -> bool:
-  """Whether :func:`random_bits` hashes in ``jax.numpy`` (else ``jax.random.bits``).
-
-  The fused hash follows JAX's partitionable threefry. With
-  ``jax_threefry_partitionable`` switched off (not the default) JAX's bits
-  differ, so they come from ``jax.random.bits`` itself.
-  """
-  return (
-      impl == _THREEFRY
-      and jax.config.jax_threefry_partitionable
-      and math.prod(shape) < _threefry.MAX_FUSED_SIZE
-  )
-
-
-def random_bits(key_data: jax.Array, impl: str, shape: tuple[int, ...]) -> jax.Array:
-  """``jax.random.bits(key, shape, jnp.uint32)``, fused where possible (:func:`_fused_hash`).
-
-  ``key_data`` may also be the uint32[3] key schedule where the hash is fused.
-  """
-  if _fused_hash(impl, shape):
-    return _threefry.bits32(key_data, shape)
-  key = jax.random.wrap_key_data(key_data, impl=impl)
-  return jax.random.bits(key, shape, jnp.uint32)
-
-
-class _MaskSpec(NamedTuple):
-  """What fixes a mask's layout at trace time (hashable, a static argument)."""
-
-  impl: str  # the key's PRNG implementation.
-  shape: tuple[int, ...]  # the mask shape.
-  bits: int  # 32 or 16: the width of each element's random value.
-
-
-def _keep(spec: _MaskSpec, key_data, resolved: _Threshold) -> jax.Array:
-  if spec.bits == 16:
-    packed = _threefry.packed_keep16(key_data, spec.shape, resolved.threshold, resolved.keep_any)
-    return _threefry.unpack(packed, spec.shape)
-  bits = random_bits(key_data, spec.impl, spec.shape)
-  return (bits >= resolved.threshold) & resolved.keep_any
+# The masking kernel and its derivative.
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _masked_scale(spec, key_data, x, resolved):
-  keep = _keep(spec, key_data, resolved)
+  keep = _masks.keep(spec, key_data, resolved)
   y = x.astype(resolved.scale.dtype) * resolved.scale
   return jnp.where(keep, y, resolved.fill).astype(x.dtype)
 
@@ -224,7 +60,7 @@ def _masked_scale_behind_key_barrier(spec, key_data, x, resolved):
   (``k0 ^ k1 ^ parity``) is computed with the key rather than in a GPU kernel
   of its own per dropout. ``jax.random.bits`` reads the key's array.
   """
-  if not _fused_hash(spec.impl, spec.shape):
+  if not _masks.fused_hash(spec.impl, spec.shape):
     return _masked_scale.fun(spec, jax.lax.optimization_barrier(key_data), x, resolved)
   schedule = jax.lax.optimization_barrier(_threefry.key_schedule(key_data[0], key_data[1]))
   return _masked_scale.fun(spec, jnp.stack(schedule), x, resolved)
@@ -257,7 +93,7 @@ def _masked_scale_jvp(spec, primals, tangents):
 @partial(jax.jit, static_argnames=("spec", "fixed_rate", "relu"))
 def _dropout_kernel(key_data, x, rate, *, spec, fixed_rate, relu=False):
   rate = rate if fixed_rate is None else fixed_rate
-  resolved = resolve_rate(rate, x.dtype, spec.bits)
+  resolved = _masks.resolve_rate(rate, x.dtype, spec.bits)
   return (_relu_masked_scale if relu else _masked_scale)(spec, key_data, x, resolved)
 
 
@@ -287,26 +123,6 @@ def _relu_masked_scale_bwd(spec, residuals, y_bar):
 _relu_masked_scale.defvjp(_relu_masked_scale_fwd, _relu_masked_scale_bwd)
 
 
-@partial(jax.jit, static_argnames=("spec", "fixed_rate"))
-def _mask_kernel(key_data, rate, *, spec, fixed_rate):
-  rate = rate if fixed_rate is None else fixed_rate
-  resolved = resolve_rate(rate, jnp.float32, spec.bits)
-  return _keep(spec, key_data, resolved) & resolved.valid
-
-
-def _mask_spec(impl: str, shape: tuple[int, ...], bits: int) -> _MaskSpec:
-  """The static mask layout; checks that the fast mode supports the key and size."""
-  if bits == 16:
-    if impl != _THREEFRY or not jax.config.jax_threefry_partitionable:
-      raise ValueError(
-          f"bits=16 needs a threefry2x32 key with jax_threefry_partitionable on "
-          f"(the defaults), got a {impl!r} key; use bits=32"
-      )
-    if math.prod(shape) >= _threefry.MAX_FUSED_SIZE:
-      raise ValueError(f"bits=16 supports masks below 2**32 elements, got shape={shape}")
-  return _MaskSpec(impl, shape, bits)
-
-
 def needs_key(rate: Any, deterministic: bool) -> bool:
   """Whether dropout draws random bits: not when off, nor at static rates 0 and 1."""
   return not deterministic and static_rate(rate) not in (0.0, 1.0)
@@ -322,13 +138,8 @@ def mask_shape_for(shape: tuple[int, ...], broadcast_dims: Sequence[int]) -> tup
 
 
 def dropout(
-    key: jax.typing.ArrayLike | None,
-    x: jax.typing.ArrayLike,
-    rate: float | jax.typing.ArrayLike,
-    deterministic: bool = False,
-    *,
-    broadcast_dims: Sequence[int] = (),
-    bits: int = 32,
+    key: jax.typing.ArrayLike | None, x: jax.typing.ArrayLike, rate: float | jax.typing.ArrayLike,
+    deterministic: bool = False, *, broadcast_dims: Sequence[int] = (), bits: int = 32,
 ) -> jax.Array:
   """Randomly zeroes elements of ``x`` and rescales the rest.
 
@@ -403,13 +214,8 @@ def dropout(
 
 
 def relu_dropout(
-    key: jax.typing.ArrayLike | None,
-    x: jax.typing.ArrayLike,
-    rate: float | jax.typing.ArrayLike,
-    deterministic: bool = False,
-    *,
-    broadcast_dims: Sequence[int] = (),
-    bits: int = 32,
+    key: jax.typing.ArrayLike | None, x: jax.typing.ArrayLike, rate: float | jax.typing.ArrayLike,
+    deterministic: bool = False, *, broadcast_dims: Sequence[int] = (), bits: int = 32,
 ) -> jax.Array:
   """``dropout(key, jax.nn.relu(x), rate, ...)``, whose backward pass keeps only the output.
 
@@ -464,52 +270,8 @@ def _apply(key, x, rate, deterministic, broadcast_dims, bits: int, relu: bool) -
   if fixed == 1.0:
     return jnp.zeros_like(x)
   key_data, impl = split_key(key)
-  spec = _mask_spec(impl, mask_shape, bits)
+  spec = _masks.mask_spec(impl, mask_shape, bits)
   if fixed is not None:
     rate = None  # Passed as a static argument instead.
   y = _dropout_kernel(key_data, x, rate, spec=spec, fixed_rate=fixed, relu=relu)
   return checkpoint_name(y, CHECKPOINT_NAME)
-
-
-def keep_mask(
-    key: jax.typing.ArrayLike,
-    shape: Sequence[int],
-    rate: float | jax.typing.ArrayLike,
-    *,
-    bits: int = 32,
-) -> jax.Array:
-  """The boolean mask (True = kept) that :func:`dropout` uses for ``shape``.
-
-  ``dropout(key, x, rate)`` equals ``where(keep_mask(key, x.shape, rate),
-  x / p_keep, 0)``; with ``broadcast_dims``, pass the mask shape (size 1 on
-  those axes). Each element is kept with probability exactly
-  ``(2**32 - t) / 2**32``, ``t = round(rate * 2**32)``.
-
-  Args:
-    key: a PRNG key, as for :func:`dropout` (None allowed for a static rate
-      of 0 or 1).
-    shape: the mask shape.
-    rate: probability to drop, as for :func:`dropout`. A traced rate outside
-      [0, 1] or NaN gives an all-False mask (``dropout`` gives NaN).
-    bits: 32 (default) or 16 (fast mode), as for :func:`dropout`.
-
-  Returns:
-    A bool array of ``shape``.
-
-  Examples:
-    >>> import jax, jaxdrop
-    >>> jaxdrop.keep_mask(jax.random.key(0), (4,), 0.0)
-    Array([ True,  True,  True,  True], dtype=bool)
-  """
-  shape = check_shape(shape)
-  fixed = static_rate(rate)
-  check_bits(bits)
-  if fixed == 0.0:
-    return jnp.ones(shape, bool)
-  if fixed == 1.0:
-    return jnp.zeros(shape, bool)
-  key_data, impl = split_key(key)
-  spec = _mask_spec(impl, shape, bits)
-  if fixed is not None:
-    rate = None
-  return _mask_kernel(key_data, rate, spec=spec, fixed_rate=fixed)

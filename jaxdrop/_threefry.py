@@ -11,6 +11,7 @@ jax 0.5): the element at row-major linear index ``i`` hashes the counter pair
 ``(i >> 32, i & 0xFFFFFFFF)`` and its 32 random bits are the XOR of the two
 output words. :func:`bits32` therefore equals
 ``jax.random.bits(key, shape, jnp.uint32)`` bit for bit; the tests check it.
+How the hash's bits become dropout decisions is :mod:`jaxdrop._masks`.
 
 Reference: Salmon, Moraes, Dror and Shaw (2011), "Parallel random numbers: as
 easy as 1, 2, 3".
@@ -103,66 +104,3 @@ def bits32(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   hi = jnp.zeros((), jnp.uint32)
   y0, y1 = _rounds(ks, hi, linear_index(shape))
   return y0 ^ y1
-
-
-# ----------------------------------------------------------------------------
-# The 16-bit mode: four decisions per hash.
-#
-# One Threefry call gives 64 bits: ``jax.random.bits(key, (m,), jnp.uint64)``
-# is ``hi << 32 | lo`` for counter i. The 16-bit mode spends them on four
-# mask elements, most significant lane first:
-#
-#   lane16[L] = (u64[L // 4] >> (48 - 16 * (L % 4))) & 0xFFFF
-#
-# XLA computes a fused elementwise expression once per output element, so
-# four elements sharing one hash would each recompute it. Instead one fusion
-# decides 32 elements per uint32 word (8 hashes, 4 lanes each) and the select
-# fusion reads one word per 32 outputs.
-
-LANES_16 = 4
-_WORD = 32
-
-
-def word_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The shape of a mask's packed words (row-major, the same words either way).
-
-  Rows of ``shape[-1] // 32`` words where a row holds whole words, so that a
-  sharded consumer packs only its own rows and columns; else one row of
-  ``ceil(n / 32)`` words.
-  """
-  if shape and shape[-1] % _WORD == 0:
-    return shape[:-1] + (shape[-1] // _WORD,)
-  return (-(-math.prod(shape) // _WORD),)
-
-
-def packed_keep16(
-    key_data: jax.Array, shape: tuple[int, ...], threshold: jax.Array, keep_any: jax.Array
-) -> jax.Array:
-  """uint32[word_shape(shape)]: bit ``L % 32`` of word ``L // 32`` is ``lane16[L] >= t``."""
-  hashes_per_word = _WORD // LANES_16
-  hashes = word_shape(shape) + (hashes_per_word,)
-  # Hash g of word w has counter 8w + g and sets bits 4g .. 4g + 3. The
-  # counters come from one reshaped iota, as in linear_index: XLA does not
-  # hoist them into a GPU kernel and buffer of their own.
-  counter = linear_index(hashes)
-  group = jax.lax.broadcasted_iota(jnp.uint32, hashes, len(hashes) - 1)
-  hi, lo = threefry2x32(key_data[0], key_data[1], jnp.zeros((), jnp.uint32), counter)
-  low16 = np.uint32(0xFFFF)
-  lanes = (hi >> np.uint32(16), hi & low16, lo >> np.uint32(16), lo & low16)
-  word = jnp.zeros(hashes, jnp.uint32)
-  for lane, value in enumerate(lanes):
-    keep = ((value >= threshold) & keep_any).astype(jnp.uint32)
-    word = word | (keep << (group * np.uint32(LANES_16) + np.uint32(lane)))
-  return jax.lax.reduce(word, np.uint32(0), jax.lax.bitwise_or, (len(hashes) - 1,))
-
-
-def unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """bool[shape] whose row-major element ``L`` is bit ``L % 32`` of word ``L // 32``."""
-  n = math.prod(shape)
-  if n % _WORD == 0:
-    # A reshape rather than a gather: the consumer reads one word per 32 outputs.
-    offset = jax.lax.broadcasted_iota(jnp.uint32, packed.shape + (_WORD,), packed.ndim)
-    return (((packed[..., None] >> offset) & np.uint32(1)) != 0).reshape(shape)
-  index = linear_index(shape)
-  word = packed[index >> np.uint32(5)]
-  return ((word >> (index & np.uint32(31))) & np.uint32(1)) != 0

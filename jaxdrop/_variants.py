@@ -35,10 +35,10 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxdrop._dropout import CHECKPOINT_NAME
-from jaxdrop._dropout import compute_dtype
 from jaxdrop._dropout import dropout
-from jaxdrop._dropout import keep_mask
-from jaxdrop._dropout import resolve_rate
+from jaxdrop._masks import compute_dtype
+from jaxdrop._masks import keep_mask
+from jaxdrop._masks import resolve_rate
 from jaxdrop._validate import check_deterministic
 from jaxdrop._validate import check_input
 from jaxdrop._validate import check_int

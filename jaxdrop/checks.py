@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdrop import _dropout
+from jaxdrop import _masks
 from jaxdrop import _validate
 
 __all__ = [
@@ -66,7 +66,7 @@ def keep_fraction_bound(rate: float, n: int, k: float = 4.0, *, bits: int = 32) 
   n = _validate.check_int(n, "n", minimum=1)
   if not k > 0:
     raise ValueError(f"k must be positive, got k={k!r}")
-  p_keep = _dropout.keep_probability(_static_rate(rate), bits)
+  p_keep = _masks.keep_probability(_static_rate(rate), bits)
   return k * math.sqrt(p_keep * (1 - p_keep) / n)
 
 
@@ -94,7 +94,7 @@ def assert_keep_fraction(
   """
   bound = keep_fraction_bound(rate, n, k, bits=bits)
   fraction = float(fraction)
-  expected = _dropout.keep_probability(_static_rate(rate), bits)
+  expected = _masks.keep_probability(_static_rate(rate), bits)
   if not abs(fraction - expected) <= bound:
     raise AssertionError(
         f"keep fraction {fraction:.6f} over n={n} decisions is not within "
@@ -144,7 +144,7 @@ def assert_dropout_output(
   axes = _validate.normalize_axes(broadcast_dims, x.ndim)
   xs = np.asarray(x, np.float64)
   ys = np.asarray(y, np.float64)
-  p_keep = _dropout.keep_probability(fixed, bits)
+  p_keep = _masks.keep_probability(fixed, bits)
   scale = 1 / p_keep if p_keep else 0.0
   scaled = xs * scale
   tolerance = 2 * float(jnp.finfo(x.dtype).eps) * np.abs(scaled)

@@ -1,4 +1,4 @@
-"""Tests of jaxdrop.dropout and jaxdrop.keep_mask (jaxdrop/_dropout.py)."""
+"""Tests of jaxdrop.dropout (jaxdrop/_dropout.py) and jaxdrop.keep_mask (jaxdrop/_masks.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 from scipy import stats
 
 import jaxdrop
-from jaxdrop import _dropout
+from jaxdrop import _masks
 from jaxdrop import _threefry
 from conftest import K_SIGMA, assert_binomial_fraction, maybe_jit, p_keep, threshold
 
@@ -125,7 +125,7 @@ def test_scale_is_exact_inverse_keep_probability():
 @pytest.mark.parametrize("rate", [1e-12, 0.1, 0.3, 0.5, 1 - 1e-12, 1 - 2.0**-40])
 def test_keep_probability_is_exact_for_python_floats(rate):
   # The library's own threshold and scale, not this file's threshold().
-  resolved = _dropout.resolve_rate(rate, jnp.float32)
+  resolved = _masks.resolve_rate(rate, jnp.float32)
   t = int(resolved.threshold)
   assert abs((TWO_32 - t) / TWO_32 - (1 - rate)) <= 2.0**-32
   assert float(resolved.scale) == np.float32(TWO_32 / (TWO_32 - t))
@@ -134,7 +134,7 @@ def test_keep_probability_is_exact_for_python_floats(rate):
 @pytest.mark.parametrize("bits", [32, 16, 8])
 @pytest.mark.parametrize("rate", [0.0, 1e-12, 0.1, 1 / 3, 0.5, 0.9, 1 - 1e-12, 1.0])
 def test_quantize_rate_and_keep_probability_follow_the_documented_formula(rate, bits):
-  t, p = _dropout.quantize_rate(rate, bits)
+  t, p = _masks.quantize_rate(rate, bits)
   assert (t, p) == ((2**bits, 0.0) if rate == 1.0 else (threshold(rate, bits), p_keep(rate, bits)))
   if bits != 8:  # 8 is for attention masks, not a dropout mode.
     assert jaxdrop.keep_probability(rate, bits) == p
@@ -144,14 +144,14 @@ def test_keep_probability_errors():
   with pytest.raises(ValueError, match="rate=1.5"):
     jaxdrop.keep_probability(1.5)
   with pytest.raises(TypeError, match="static"):
-    _dropout.quantize_rate(jnp.float32(0.5), 32)
+    _masks.quantize_rate(jnp.float32(0.5), 32)
   with pytest.raises(ValueError, match="bits=8"):
     jaxdrop.keep_probability(0.5, bits=8)
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.3, 0.7, 0.9, 1e-3])
 def test_traced_float32_rate_keep_probability_within_2_to_minus_24(rate):
-  resolved = jax.jit(_dropout.resolve_rate, static_argnums=1)(jnp.float32(rate), jnp.float32)
+  resolved = jax.jit(_masks.resolve_rate, static_argnums=1)(jnp.float32(rate), jnp.float32)
   p_keep = (TWO_32 - int(resolved.threshold)) / TWO_32
   assert abs(p_keep - (1 - rate)) <= 2.0**-24
   assert abs(float(resolved.scale) * p_keep - 1) <= 2.0**-23  # one float32 rounding

@@ -1,8 +1,9 @@
 """Attention with dropout on the attention weights, without the [B, N, T, S] mask.
 
-The modules stack one way, bottom to top:
+The dropout mask that every implementation applies is the 8-bit layout of
+:mod:`jaxdrop._masks`, below this package. The modules stack one way, bottom to
+top:
 
-- ``mask``: the dropout mask, defined once for every implementation;
 - ``base``: the static configuration, input canonicalization and the
   materialized ``"reference"`` implementation (the oracle of the tests);
 - ``xla``: the blockwise flash-attention algorithm in ``jax.numpy``;

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import backend as jax_backend
 
+from jaxdrop import _masks
 from jaxdrop import _validate
 from jaxdrop._attention import base
-from jaxdrop._attention import mask as mask_lib
 from jaxdrop._attention import xla
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas")
@@ -111,7 +111,7 @@ def _key_data(dropout_key, rate) -> jax.Array:
         "key each step (e.g. jax.random.fold_in(key, step)), or "
         "deterministic=True to switch dropout off."
     )
-  return mask_lib.threefry_key_data(dropout_key)
+  return _masks.threefry_key_data(dropout_key)
 
 
 _TRITON = "jax.experimental.pallas.triton"
@@ -250,7 +250,7 @@ def attention(
     return jnp.zeros_like(q)  # Every weight dropped.
   else:
     key_data = _key_data(dropout_key, dropout_rate)
-    mask_lib.check_size(rows, cols)
+    _masks.check_attention_size(rows, cols)
     rate = None if fixed is not None else dropout_rate
   if q.size == 0 or cols == 0:
     # Nothing to compute, or no key to attend (every row outputs 0, as a row

@@ -8,7 +8,7 @@ broadcast to ``[B, N, T, S]``.
 
 Semantics: ``P = softmax_s(scale * q . k + bias)`` over the allowed positions
 (``mask`` and, with ``is_causal``, ``s <= t``); ``out = sum_s P * keep * c * v``
-with ``keep`` from :mod:`jaxdrop._attention.mask` and ``c`` the exact inverse
+with ``keep`` from :mod:`jaxdrop._masks` (8 bits) and ``c`` the exact inverse
 of its keep probability. A query row with no allowed position outputs 0.
 """
 
@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxdrop._attention import mask as mask_lib
+from jaxdrop import _masks
 
 
 class Config(NamedTuple):
@@ -42,7 +42,8 @@ class Config(NamedTuple):
 
   def resolve(self, rate: jax.Array | None):
     """Threshold and scale of the mask: the static rate, else the array ``rate``."""
-    return mask_lib.resolve_rate(rate if self.fixed_rate is None else self.fixed_rate)
+    rate = rate if self.fixed_rate is None else self.fixed_rate
+    return _masks.resolve_rate(rate, jnp.float32, _masks.ATTENTION_BITS)
 
 
 def allowed_positions(
@@ -199,7 +200,7 @@ def reference(q, k, v, bias, mask, key_data, rate, config: Config) -> jax.Array:
   if config.dropout:
     resolved = config.resolve(rate)
     heads_b, heads_n = config.dropout_heads
-    keep = mask_lib.full_mask(key_data, resolved, (heads_b, heads_n, rows, cols))
+    keep = _masks.keep8_heads(key_data, resolved, (heads_b, heads_n, rows, cols))
     # fill is 0, or NaN for a traced rate outside [0, 1] (the output is then NaN).
     probs = jnp.where(keep, probs * resolved.scale, resolved.fill)
   out = jnp.einsum("bnts,bsnh->btnh", probs, vr.astype(f32), precision=config.precision)

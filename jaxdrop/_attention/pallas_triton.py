@@ -21,17 +21,9 @@ Kernels (grids in parentheses; ``i``/``j`` index query/key blocks):
   bias broadcasts over.
 
 Every kernel recomputes its dropout mask tile from the head key of
-:func:`mask.head_keys`: counter ``c = t * ceil(S / 8) + s // 8`` hashes with
-Threefry-2x32 to 64 bits, which decide the eight weights ``s = 8 * (s // 8) +
-0..7`` (byte ``s % 8``, most significant first; :mod:`jaxdrop._attention.mask`
-defines it). So a ``bq x bk`` tile costs ``bq * bk / 8`` hashes, and the mask is
-never read or written. The ``(bq, bk / 8)`` hash tile becomes the ``(bq, bk)``
-byte tile by three two-way joins (``tt.join``, as Pallas unpacks int4): words
-into halves, halves into bytes, then a reshape, so byte ``s % 8`` lands at
-column ``s``. (Two other ways to the same bits, broadcasting each word to eight
-lanes and shifting, or hashing every element with its group's counter, made
-XLA's Triton pipeline in jax 0.10 crash or run out of host memory compiling the
-dk/dv kernel at 64 x 64 tiles; they were removed.)
+:func:`jaxdrop._masks.head_keys` with :func:`jaxdrop._masks.keep8_tile`, the
+in-kernel form of the 8-bit attention mask: a ``bq x bk`` tile costs
+``bq * bk / 8`` hashes, and the mask is never read or written.
 
 With ``is_causal`` the loops skip blocks that lie wholly above the diagonal:
 the forward and dq kernels stop at the last key block a query block can see,
@@ -55,17 +47,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxdrop import _threefry
+from jaxdrop import _masks
 from jaxdrop._attention import base
-from jaxdrop._attention import mask as mask_lib
 
 _F32 = jnp.float32
-_U32 = jnp.uint32
 _LOG2E = math.log2(math.e)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _MIN_BLOCK = 16  # Triton's dot needs 16 rows and columns.
@@ -185,7 +174,7 @@ class _Static(NamedTuple):
 
   @property
   def groups_per_row(self) -> int:  # hashes per mask row: ceil(S / 8)
-    return -(-self.cols // mask_lib.LANES)
+    return -(-self.cols // _masks.LANES_8)
 
   def compiler_params(self, rows: int, cols: int):
     """Launch options of a kernel whose tiles are ``rows x cols``."""
@@ -199,25 +188,6 @@ class _Static(NamedTuple):
 
 # ----------------------------------------------------------------------------
 # Tile computations shared by the kernels (traced inside them).
-
-
-def _keep_tile(st: _Static, k0, k1, threshold, t0, s0, rows: int, cols: int):
-  """bool[rows, cols]: the dropout mask at queries ``t0 +`` and keys ``s0 +``.
-
-  ``s0`` is a multiple of 8, so a row of the tile is ``cols / 8`` whole hash
-  groups (see the module docstring).
-  """
-  groups = cols // mask_lib.LANES
-  t = lax.broadcasted_iota(jnp.int32, (rows, groups), 0) + t0
-  g = lax.broadcasted_iota(jnp.int32, (rows, groups), 1) + (s0 >> 3)
-  counter = t.astype(_U32) * np.uint32(st.groups_per_row) + g.astype(_U32)
-  hi, lo = _threefry.threefry2x32(k0, k1, jnp.zeros_like(counter), counter)
-  # Column g * 8 + 4 * word + 2 * half + byte_in_half: byte s % 8, MSB first.
-  words = jnp.stack([hi, lo], axis=-1)
-  halves = jnp.stack([words >> np.uint32(16), words], axis=-1)
-  quarters = jnp.stack([halves >> np.uint32(8), halves], axis=-1)
-  byte = (quarters & np.uint32(0xFF)).reshape(rows, cols)
-  return byte >= threshold
 
 
 def _load_broadcast(ref, dims: _Dims, head, t0, rows: int, s0, cols: int):
@@ -265,32 +235,36 @@ def _causal_stop(st: _Static, q_block, bq: int, bk: int, num_k_blocks: int):
 
 
 # ----------------------------------------------------------------------------
-# Kernels. Refs arrive positionally; ``names`` says which is which.
+# Kernels. Each names its refs, inputs then outputs; an input the call does not
+# have (bias, mask; keys, threshold and dscale without dropout) is None.
 
 
-def _forward_kernel(*refs, st: _Static, names: tuple[str, ...]):
-  r = dict(zip(names, refs))
+def _forward_kernel(
+    q_ref, k_ref, v_ref, bias_ref, mask_ref, keys_ref, threshold_ref, dscale_ref,
+    out_ref, lse_ref, *, st: _Static,
+):
   bq, bk = st.blocks.q, st.blocks.k
   q_block = pl.program_id(0)
   t0 = q_block * bq
-  q = r["q"][...]
+  q = q_ref[...]
   if st.dropout:
-    k0, k1, threshold = r["keys"][0], r["keys"][1], r["threshold"][()]
+    k0, k1, threshold = keys_ref[0], keys_ref[1], threshold_ref[()]
 
   def body(k_block, carry):
     acc, top, total = carry
     s0 = k_block * bk
-    bias = None if st.bias is None else _load_broadcast(r["bias"], st.bias, None, t0, bq, s0, bk)
-    mask = None if st.mask is None else _load_broadcast(r["mask"], st.mask, None, t0, bq, s0, bk)
-    scores = _scores(st, q, r["k"][pl.ds(s0, bk), :], bias, mask, t0, s0, bq, bk)
+    bias = None if bias_ref is None else _load_broadcast(bias_ref, st.bias, None, t0, bq, s0, bk)
+    mask = None if mask_ref is None else _load_broadcast(mask_ref, st.mask, None, t0, bq, s0, bk)
+    scores = _scores(st, q, k_ref[pl.ds(s0, bk), :], bias, mask, t0, s0, bq, bk)
     new_top = jnp.maximum(top, jnp.max(scores, axis=1))
     safe_top = jnp.where(new_top == -jnp.inf, 0.0, new_top)
     weights = jnp.exp2(scores - safe_top[:, None])
     rescale = jnp.exp2(top - safe_top)
     total = total * rescale + jnp.sum(weights, axis=1)
     if st.dropout:
-      weights = jnp.where(_keep_tile(st, k0, k1, threshold, t0, s0, bq, bk), weights, 0.0)
-    v = r["v"][pl.ds(s0, bk), :]
+      keep = _masks.keep8_tile(k0, k1, threshold, t0, s0, bq, bk, st.groups_per_row)
+      weights = jnp.where(keep, weights, 0.0)
+    v = v_ref[pl.ds(s0, bk), :]
     acc = acc * rescale[:, None] + _dot(st, weights.astype(v.dtype), v, ((1,), (0,)))
     return acc, new_top, total
 
@@ -305,75 +279,80 @@ def _forward_kernel(*refs, st: _Static, names: tuple[str, ...]):
   safe_total = jnp.where(empty, 1.0, total)
   out = acc / safe_total[:, None]
   if st.dropout:
-    out = out * r["dscale"][()]
-  r["out"][...] = out.astype(r["out"].dtype)
-  r["lse"][...] = jnp.where(empty, jnp.inf, top + jnp.log2(safe_total))
+    out = out * dscale_ref[()]
+  out_ref[...] = out.astype(out_ref.dtype)
+  lse_ref[...] = jnp.where(empty, jnp.inf, top + jnp.log2(safe_total))
 
 
-def _dq_kernel(*refs, st: _Static, names: tuple[str, ...]):
-  r = dict(zip(names, refs))
+def _dq_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+    bias_ref, mask_ref, keys_ref, threshold_ref, dscale_ref,
+    dq_ref, *, st: _Static,
+):
   bq, bk = st.blocks.q_dq, st.blocks.k_dq
   q_block = pl.program_id(0)
   t0 = q_block * bq
-  q, d_out = r["q"][...], r["do"][...]
-  lse, delta = r["lse"][...], r["delta"][...]
+  q, d_out = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
   if st.dropout:
-    k0, k1, threshold = r["keys"][0], r["keys"][1], r["threshold"][()]
-    dscale = r["dscale"][()]
+    k0, k1, threshold = keys_ref[0], keys_ref[1], threshold_ref[()]
+    dscale = dscale_ref[()]
 
   def body(k_block, dq):
     s0 = k_block * bk
-    bias = None if st.bias is None else _load_broadcast(r["bias"], st.bias, None, t0, bq, s0, bk)
-    mask = None if st.mask is None else _load_broadcast(r["mask"], st.mask, None, t0, bq, s0, bk)
-    k = r["k"][pl.ds(s0, bk), :]
+    bias = None if bias_ref is None else _load_broadcast(bias_ref, st.bias, None, t0, bq, s0, bk)
+    mask = None if mask_ref is None else _load_broadcast(mask_ref, st.mask, None, t0, bq, s0, bk)
+    k = k_ref[pl.ds(s0, bk), :]
     probs = jnp.exp2(_scores(st, q, k, bias, mask, t0, s0, bq, bk) - lse[:, None])
-    d_probs = _dot(st, d_out, r["v"][pl.ds(s0, bk), :], ((1,), (1,)))
+    d_probs = _dot(st, d_out, v_ref[pl.ds(s0, bk), :], ((1,), (1,)))
     if st.dropout:
-      keep = _keep_tile(st, k0, k1, threshold, t0, s0, bq, bk)
+      keep = _masks.keep8_tile(k0, k1, threshold, t0, s0, bq, bk, st.groups_per_row)
       d_probs = jnp.where(keep, d_probs * dscale, 0.0)
     d_scores = probs * (d_probs - delta[:, None])
     return dq + _dot(st, d_scores.astype(k.dtype), k, ((1,), (0,)))
 
   stop = _causal_stop(st, q_block, bq, bk, st.cols_p // bk)
   dq = lax.fori_loop(0, stop, body, jnp.zeros((bq, st.head_dim), _F32))
-  r["dq"][...] = (dq * st.scale).astype(r["dq"].dtype)
+  dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(*refs, st: _Static, names: tuple[str, ...]):
-  r = dict(zip(names, refs))
+def _dkdv_kernel(
+    k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref,
+    bias_ref, mask_ref, keys_ref, threshold_ref, dscale_ref,
+    dk_ref, dv_ref, *, st: _Static,
+):
   bq, bk = st.blocks.q_dkv, st.blocks.k_dkv
   s0 = pl.program_id(0) * bk
-  k, v = r["k"][...], r["v"][...]
+  k, v = k_ref[...], v_ref[...]
   if st.dropout:
-    threshold = r["threshold"][()]
+    threshold = threshold_ref[()]
   # The first query block that sees this key block (rows t >= s0).
   start = lax.div(s0, bq) if st.causal else 0
 
   def group(g, carry):
     if st.dropout:
-      keys = r["keys"]
-      k0, k1 = (keys[0], keys[1]) if st.shared_keys else (keys[g, 0], keys[g, 1])
+      k0, k1 = (keys_ref[0], keys_ref[1]) if st.shared_keys else (keys_ref[g, 0], keys_ref[g, 1])
     head = g  # index on the head axis of per-head refs
 
     def step(q_block, carry):
       dk, dv = carry
       t0 = q_block * bq
       rows = pl.ds(t0, bq)
-      q = r["q"][rows, head, :]
-      d_out = r["do"][rows, head, :]
-      lse, delta = r["lse"][head, rows], r["delta"][head, rows]
+      q = q_ref[rows, head, :]
+      d_out = do_ref[rows, head, :]
+      lse, delta = lse_ref[head, rows], delta_ref[head, rows]
       bias = mask = None
-      if st.bias is not None:
-        bias = _load_broadcast(r["bias"], st.bias, head if st.bias.n else None, t0, bq, s0, bk)
-      if st.mask is not None:
-        mask = _load_broadcast(r["mask"], st.mask, head if st.mask.n else None, t0, bq, s0, bk)
+      if bias_ref is not None:
+        bias = _load_broadcast(bias_ref, st.bias, head if st.bias.n else None, t0, bq, s0, bk)
+      if mask_ref is not None:
+        mask = _load_broadcast(mask_ref, st.mask, head if st.mask.n else None, t0, bq, s0, bk)
       probs = jnp.exp2(_scores(st, q, k, bias, mask, t0, s0, bq, bk) - lse[:, None])
       d_probs = _dot(st, d_out, v, ((1,), (1,)))
       used = probs
       if st.dropout:
-        keep = _keep_tile(st, k0, k1, threshold, t0, s0, bq, bk)
+        keep = _masks.keep8_tile(k0, k1, threshold, t0, s0, bq, bk, st.groups_per_row)
         used = jnp.where(keep, probs, 0.0)  # times dscale, applied to dv at the end
-        d_probs = jnp.where(keep, d_probs * r["dscale"][()], 0.0)
+        d_probs = jnp.where(keep, d_probs * dscale_ref[()], 0.0)
       dv = dv + _dot(st, used.astype(d_out.dtype), d_out, ((0,), (0,)))
       d_scores = probs * (d_probs - delta[:, None])
       dk = dk + _dot(st, d_scores.astype(q.dtype), q, ((0,), (0,)))
@@ -384,17 +363,20 @@ def _dkdv_kernel(*refs, st: _Static, names: tuple[str, ...]):
   zeros = jnp.zeros((bk, st.head_dim), _F32)
   dk, dv = lax.fori_loop(0, st.groups, group, (zeros, zeros))
   if st.dropout:
-    dv = dv * r["dscale"][()]
-  r["dk"][...] = (dk * st.scale).astype(r["dk"].dtype)
-  r["dv"][...] = dv.astype(r["dv"].dtype)
+    dv = dv * dscale_ref[()]
+  dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dbias_kernel(*refs, st: _Static, names: tuple[str, ...], bq: int, bk: int):
+def _dbias_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+    bias_ref, mask_ref, keys_ref, threshold_ref, dscale_ref,
+    dbias_ref, *, st: _Static, bq: int, bk: int,
+):
   """One tile of d(bias): the score gradient summed over what the bias broadcasts."""
-  r = dict(zip(names, refs))
   dims = st.bias
   pid_t, pid_s, pid_b, pid_n = (pl.program_id(a) for a in range(4))
-  batch = r["q"].shape[0]
+  batch = q_ref.shape[0]
   # The loop runs over every (b, n, t block, s block) that adds into this tile.
   extents = (
       1 if dims.b else batch,
@@ -403,7 +385,7 @@ def _dbias_kernel(*refs, st: _Static, names: tuple[str, ...], bq: int, bk: int):
       1 if dims.s else st.cols_p // bk,
   )
   if st.dropout:
-    threshold, dscale = r["threshold"][()], r["dscale"][()]
+    threshold, dscale = threshold_ref[()], dscale_ref[()]
 
   def body(index, acc):
     parts = []
@@ -417,24 +399,24 @@ def _dbias_kernel(*refs, st: _Static, names: tuple[str, ...], bq: int, bk: int):
     s0 = (pid_s if dims.s else ls) * bk
     rows, cols = pl.ds(t0, bq), pl.ds(s0, bk)
     kv = lax.div(n, st.groups)
-    q, d_out = r["q"][b, rows, n, :], r["do"][b, rows, n, :]
-    k, v = r["k"][b, cols, kv, :], r["v"][b, cols, kv, :]
-    lse, delta = r["lse"][b, n, rows], r["delta"][b, n, rows]
-    bias = r["bias"][...]  # this program's (bq|1, bk|1) tile
+    q, d_out = q_ref[b, rows, n, :], do_ref[b, rows, n, :]
+    k, v = k_ref[b, cols, kv, :], v_ref[b, cols, kv, :]
+    lse, delta = lse_ref[b, n, rows], delta_ref[b, n, rows]
+    bias = bias_ref[...]  # this program's (bq|1, bk|1) tile
     mask = None
-    if st.mask is not None:
+    if mask_ref is not None:
       md = st.mask
-      mask = r["mask"][
+      mask = mask_ref[
           b if md.b else 0, n if md.n else 0,
           rows if md.t else pl.ds(0, 1), cols if md.s else pl.ds(0, 1),
       ]
     probs = jnp.exp2(_scores(st, q, k, bias, mask, t0, s0, bq, bk) - lse[:, None])
     d_probs = _dot(st, d_out, v, ((1,), (1,)))
     if st.dropout:
-      keys = r["keys"]
       key_b = 0 if st.shared_keys else b
       key_n = 0 if st.shared_keys else n
-      keep = _keep_tile(st, keys[key_b, key_n, 0], keys[key_b, key_n, 1], threshold, t0, s0, bq, bk)
+      k0, k1 = keys_ref[key_b, key_n, 0], keys_ref[key_b, key_n, 1]
+      keep = _masks.keep8_tile(k0, k1, threshold, t0, s0, bq, bk, st.groups_per_row)
       d_probs = jnp.where(keep, d_probs * dscale, 0.0)
     d_scores = probs * (d_probs - delta[:, None])
     if not dims.t:
@@ -445,7 +427,7 @@ def _dbias_kernel(*refs, st: _Static, names: tuple[str, ...], bq: int, bk: int):
 
   shape = (bq if dims.t else 1, bk if dims.s else 1)
   acc = lax.fori_loop(0, math.prod(extents), body, jnp.zeros(shape, _F32))
-  r["dbias"][...] = acc
+  dbias_ref[...] = acc
 
 
 # ----------------------------------------------------------------------------
@@ -457,27 +439,23 @@ def _scalar_spec():
   return pl.BlockSpec((), lambda *_: ())
 
 
-def _common_inputs(st: _Static, bias, mask, keys, threshold, dscale, per_head_spec, keys_spec):
-  """(name, array, spec) of the optional inputs."""
-  inputs = []
-  if st.bias is not None:
-    inputs.append(("bias", bias, per_head_spec(st.bias)))
-  if st.mask is not None:
-    inputs.append(("mask", mask, per_head_spec(st.mask)))
-  if st.dropout:
-    inputs += [
-        ("keys", keys, keys_spec),
-        ("threshold", threshold, _scalar_spec()),
-        ("dscale", dscale, _scalar_spec()),
-    ]
-  return inputs
+def _optional_inputs(st: _Static, bias, mask, keys, threshold, dscale, per_head_spec, keys_spec):
+  """(array, spec) of bias, mask, keys, threshold and dscale; (None, None) where absent."""
+  inputs = [
+      (None, None) if bias is None else (bias, per_head_spec(st.bias)),
+      (None, None) if mask is None else (mask, per_head_spec(st.mask)),
+  ]
+  if not st.dropout:
+    return inputs + [(None, None)] * 3
+  return inputs + [(keys, keys_spec), (threshold, _scalar_spec()), (dscale, _scalar_spec())]
 
 
 def _call(kernel, st: _Static, inputs, outputs, grid, name: str, tile, **kernel_args):
-  in_names, in_arrays, in_specs = zip(*inputs)
-  out_names, out_shapes, out_specs = zip(*outputs)
-  results = pl.pallas_call(
-      functools.partial(kernel, st=st, names=in_names + out_names, **kernel_args),
+  """Runs ``kernel``; ``inputs`` and ``outputs`` are (array, spec) pairs in its refs' order."""
+  in_arrays, in_specs = zip(*inputs)
+  out_shapes, out_specs = zip(*outputs)
+  return pl.pallas_call(
+      functools.partial(kernel, st=st, **kernel_args),
       grid=grid,
       in_specs=list(in_specs),
       out_specs=list(out_specs),
@@ -486,7 +464,6 @@ def _call(kernel, st: _Static, inputs, outputs, grid, name: str, tile, **kernel_
       interpret=st.interpret,
       name=name,
   )(*in_arrays)
-  return results
 
 
 def _row_program_specs(st: _Static, bq: int):
@@ -512,11 +489,11 @@ def _forward(st: _Static, q, k, v, bias, mask, keys, threshold, dscale):
   batch = q.shape[0]
   bq = st.blocks.q
   per_head, keys_spec, rows, whole_kv, stats = _row_program_specs(st, bq)
-  inputs = [("q", q, rows), ("k", k, whole_kv), ("v", v, whole_kv)]
-  inputs += _common_inputs(st, bias, mask, keys, threshold, dscale, per_head, keys_spec)
+  inputs = [(q, rows), (k, whole_kv), (v, whole_kv)]
+  inputs += _optional_inputs(st, bias, mask, keys, threshold, dscale, per_head, keys_spec)
   outputs = [
-      ("out", jax.ShapeDtypeStruct(q.shape, q.dtype), rows),
-      ("lse", jax.ShapeDtypeStruct((batch, st.heads, st.rows_p), _F32), stats),
+      (jax.ShapeDtypeStruct(q.shape, q.dtype), rows),
+      (jax.ShapeDtypeStruct((batch, st.heads, st.rows_p), _F32), stats),
   ]
   grid = (st.rows_p // bq, batch, st.heads)
   return _call(_forward_kernel, st, inputs, outputs, grid, "jaxdrop_attention_fwd",
@@ -533,12 +510,11 @@ def _backward(st: _Static, residuals, d_out):
   bq = st.blocks.q_dq
   per_head, keys_spec, rows, whole_kv, stats = _row_program_specs(st, bq)
   inputs = [
-      ("q", q, rows), ("k", k, whole_kv), ("v", v, whole_kv), ("do", d_out, rows),
-      ("lse", lse, stats), ("delta", delta, stats),
+      (q, rows), (k, whole_kv), (v, whole_kv), (d_out, rows), (lse, stats), (delta, stats),
   ]
-  inputs += _common_inputs(st, bias, mask, keys, threshold, dscale, per_head, keys_spec)
+  inputs += _optional_inputs(st, bias, mask, keys, threshold, dscale, per_head, keys_spec)
   (dq,) = _call(
-      _dq_kernel, st, inputs, [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), rows)],
+      _dq_kernel, st, inputs, [(jax.ShapeDtypeStruct(q.shape, q.dtype), rows)],
       (st.rows_p // bq, batch, st.heads), "jaxdrop_attention_dq", (bq, st.blocks.k_dq),
   )
 
@@ -557,15 +533,15 @@ def _backward(st: _Static, residuals, d_out):
   group_q = pl.BlockSpec((None, st.rows_p, groups, h), lambda j, b, kh: (b, 0, kh, 0))
   group_stats = pl.BlockSpec((None, groups, st.rows_p), lambda j, b, kh: (b, kh, 0))
   inputs = [
-      ("k", k, kv_rows), ("v", v, kv_rows), ("q", q, group_q), ("do", d_out, group_q),
-      ("lse", lse, group_stats), ("delta", delta, group_stats),
+      (k, kv_rows), (v, kv_rows), (q, group_q), (d_out, group_q),
+      (lse, group_stats), (delta, group_stats),
   ]
-  inputs += _common_inputs(st, bias, mask, keys, threshold, dscale, group_per_head, group_keys)
+  inputs += _optional_inputs(st, bias, mask, keys, threshold, dscale, group_per_head, group_keys)
   dk, dv = _call(
       _dkdv_kernel, st, inputs,
       [
-          ("dk", jax.ShapeDtypeStruct(k.shape, k.dtype), kv_rows),
-          ("dv", jax.ShapeDtypeStruct(v.shape, v.dtype), kv_rows),
+          (jax.ShapeDtypeStruct(k.shape, k.dtype), kv_rows),
+          (jax.ShapeDtypeStruct(v.shape, v.dtype), kv_rows),
       ],
       (st.cols_p // bk, batch, st.kv_heads), "jaxdrop_attention_dkdv", (st.blocks.q_dkv, bk),
   )
@@ -586,24 +562,21 @@ def _bias_gradient(st: _Static, q, k, v, bias, mask, keys, threshold, dscale, d_
 
   bias_spec = pl.BlockSpec((None, None) + tile, lambda i, j, b, n: (b, n, i, j))
   inputs = [
-      ("q", q, whole(q)), ("k", k, whole(k)), ("v", v, whole(v)), ("do", d_out, whole(d_out)),
-      ("lse", lse, whole(lse)), ("delta", delta, whole(delta)), ("bias", bias, bias_spec),
+      (q, whole(q)), (k, whole(k)), (v, whole(v)), (d_out, whole(d_out)),
+      (lse, whole(lse)), (delta, whole(delta)), (bias, bias_spec),
+      (None, None) if mask is None else (mask, whole(mask)),
   ]
-  if st.mask is not None:
-    inputs.append(("mask", mask, whole(mask)))
   if st.dropout:
-    inputs += [
-        ("keys", keys, whole(keys)),
-        ("threshold", threshold, _scalar_spec()),
-        ("dscale", dscale, _scalar_spec()),
-    ]
+    inputs += [(keys, whole(keys)), (threshold, _scalar_spec()), (dscale, _scalar_spec())]
+  else:
+    inputs += [(None, None)] * 3
   grid = (
       st.rows_p // bq if dims.t else 1, st.cols_p // bk if dims.s else 1,
       bias.shape[0], bias.shape[1],
   )
   (d_bias,) = _call(
       _dbias_kernel, st, inputs,
-      [("dbias", jax.ShapeDtypeStruct(bias.shape, _F32), bias_spec)],
+      [(jax.ShapeDtypeStruct(bias.shape, _F32), bias_spec)],
       grid, "jaxdrop_attention_dbias", (bq, bk), bq=bq, bk=bk,
   )
   return d_bias
@@ -737,9 +710,8 @@ def prepare(
   keys = threshold = dscale = None
   if st.dropout:
     resolved = config.resolve(rate)
-    keys = mask_lib.head_keys(key_data, *config.dropout_heads)
-    # A rate of 1 keeps nothing: no byte reaches 256.
-    threshold = jnp.where(resolved.keep_any, resolved.threshold, np.uint32(256)).astype(_U32)
+    keys = _masks.head_keys(key_data, *config.dropout_heads)
+    threshold = _masks.kernel_threshold(resolved, _masks.ATTENTION_BITS)
     dscale = resolved.scale.astype(_F32)
   return Prepared(st, (q, k, v, bias, mask, keys, threshold, dscale))
 

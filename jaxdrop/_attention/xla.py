@@ -2,7 +2,7 @@
 
 The forward pass visits blocks of queries; for each it runs an online softmax
 over blocks of keys, so only one ``[block_q, block_k]`` tile of scores per head
-exists at a time. Dropout masks each tile with :func:`mask.keep_block`,
+exists at a time. Dropout masks each tile with :func:`jaxdrop._masks.keep8_block`,
 recomputed from the key. The backward pass (a ``custom_vjp``) keeps only the
 output and the per-row log-sum-exp: it visits blocks of keys, and for each the
 blocks of queries that can see them, recomputing scores, probabilities and the
@@ -21,8 +21,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxdrop import _masks
 from jaxdrop._attention import base
-from jaxdrop._attention import mask as mask_lib
 
 _F32 = jnp.float32
 
@@ -46,7 +46,7 @@ class BlockSizes(NamedTuple):
     default = cls()
     # A single query tile is the whole length: a decoding step's T = 1 pads nothing.
     q = min(_even_tile(rows, default.q, 8), max(rows, 1))
-    return cls(q=q, k=_even_tile(cols, default.k, mask_lib.WORD))
+    return cls(q=q, k=_even_tile(cols, default.k, _masks.WORD))
 
 
 def _even_tile(length: int, largest: int, multiple: int) -> int:
@@ -79,7 +79,7 @@ class _Layout(NamedTuple):
 
   @property
   def groups_per_row(self) -> int:
-    return -(-self.cols // mask_lib.LANES)
+    return -(-self.cols // _masks.LANES_8)
 
 
 # ----------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def _operands(layout: _Layout, config: base.Config, q, k, v, bias, mask, key_dat
 
   keys = None
   if config.dropout:
-    keys = base.grouped(mask_lib.head_keys(key_data, *config.dropout_heads), heads, kv_heads)
+    keys = base.grouped(_masks.head_keys(key_data, *config.dropout_heads), heads, kv_heads)
   return _Operands(q, k, v, blockable(bias), blockable(mask), keys)
 
 
@@ -144,7 +144,7 @@ def _block_logits(layout, config, ops: _Operands, q_block, t0, s0):
 
 def _block_keep(layout, ops: _Operands, resolved, t0, s0):
   bq, bk = layout.blocks
-  return mask_lib.keep_block(
+  return _masks.keep8_block(
       ops.keys, t0, bq, s0, bk, layout.groups_per_row, resolved.threshold, resolved.keep_any
   )
 
@@ -357,8 +357,8 @@ def attention(q, k, v, bias, mask, key_data, rate, config: base.Config, blocks: 
   cols, kv_heads = k.shape[1], k.shape[2]
   if blocks is None:
     blocks = BlockSizes.for_shape(rows, cols)
-  if blocks.k % mask_lib.WORD or blocks.q < 1 or blocks.k < 1:
-    raise ValueError(f"blocks.k must be a positive multiple of {mask_lib.WORD}, got {blocks}")
+  if blocks.k % _masks.WORD or blocks.q < 1 or blocks.k < 1:
+    raise ValueError(f"blocks.k must be a positive multiple of {_masks.WORD}, got {blocks}")
   layout = _Layout(rows, cols, heads, kv_heads, BlockSizes(*blocks))
   return _attention(layout, config, q, k, v, bias, mask, key_data, rate)
 
