@@ -31,7 +31,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-import common  # noqa: F401 -- puts the checkout on sys.path
 from jaxdrop import _dropout, _threefry, _validate
 
 _U32 = jnp.uint32

@@ -2,10 +2,10 @@
 
 ``bench.py --smoke`` runs a GPU run's rows (the Pallas kernel in its
 interpreter) at toy shapes on CPU; its times mean nothing. The timer test
-checks the one property the harness must have (issue 26: it once timed the
-floor slower than dropout): timed among all the variants, ``x * 2.0`` is
-faster than ``jaxdrop.dropout``, as it is when each is timed alone. No timing
-value is asserted.
+checks the one property the harness must have (it once timed the floor slower
+than dropout): timed among all the variants, ``x * 2.0`` is faster than
+``jaxdrop.dropout``, as it is when each is timed alone. No timing value is
+asserted.
 """
 
 from __future__ import annotations
@@ -35,7 +35,12 @@ def bench():
   return _import("bench")
 
 
-def test_smoke_run_records_every_gpu_row(bench, tmp_path):
+@pytest.fixture
+def common():
+  return _import("common")
+
+
+def test_smoke_run_records_every_gpu_row(common, tmp_path):
   out = tmp_path / "smoke.json"
   done = subprocess.run(
       [sys.executable, str(BENCHMARKS / "bench.py"), "--smoke", "--json", str(out)],
@@ -43,14 +48,15 @@ def test_smoke_run_records_every_gpu_row(bench, tmp_path):
   )
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   results = json.loads(out.read_text())
+  assert results["failures"] == []
 
   rows = {(r["variant"], r["dtype"], r["mode"]) for r in results["elementwise"]}
   for dtype in ("float32", "bfloat16"):
     for mode in ("fwd", "fwd+bwd"):
-      assert (bench.PALLAS_FAST, dtype, mode) in rows
+      assert (common.PALLAS_FAST, dtype, mode) in rows
   for step in ("train_step", "block_step"):
-    assert bench.PALLAS_FAST in results[step]["memory"]
-    assert bench.PALLAS_FAST in results[step]["time"]
+    assert common.PALLAS_FAST in results[step]["memory"]
+    assert common.PALLAS_FAST in results[step]["time"]
   meta = results["meta"]
   assert meta["command"] == f"python benchmarks/bench.py --smoke --json {out}"
   assert meta["versions"]["jax"] == jax.__version__
@@ -76,24 +82,69 @@ def test_gpu_check_passes_on_cpu():
 @pytest.mark.parametrize("backend, expected", [("gpu", True), ("cpu", False)])
 def test_gpu_rows_follow_the_backend_unless_set(bench, monkeypatch, backend, expected):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
-  cfg = bench.Config()
-  assert bench.gpu_rows(cfg) is expected
-  for rows in (bench.variants(0.1, cfg), bench.train_models(cfg), bench.block_models(cfg)):
-    assert (bench.PALLAS_FAST in rows) is expected
+  assert bench.gpu_rows(bench.Config()) is expected
   for forced in (True, False):
     assert bench.gpu_rows(bench.Config(gpu_rows=forced)) is forced
 
 
-def test_interleaved_orders_floor_and_dropout_as_timing_alone_does(bench):
-  common = _import("common")
+@pytest.mark.parametrize("pallas", [True, False])
+def test_the_pallas_rows_join_every_table_with_the_fast_mode_only(common, pallas):
+  tables = (common.elementwise_variants(0.1, pallas=pallas),
+            common.mlp_models(0.1, (8,), pallas=pallas), common.block_models(2, 0.1, pallas=pallas))
+  for rows in tables:
+    assert (common.PALLAS_FAST in rows) is pallas
+  without_fast = (common.elementwise_variants(0.1, fast=False, pallas=pallas),
+                  common.mlp_models(0.1, (8,), fast=False, pallas=pallas),
+                  common.block_models(2, 0.1, fast=False, pallas=pallas))
+  for rows in without_fast:
+    assert common.PALLAS_FAST not in rows and common.FAST not in rows
+
+
+def test_interleaved_orders_floor_and_dropout_as_timing_alone_does(common):
   n = 2**22  # 16 MiB of float32: each call reads and writes well past the caches.
   args = (jax.random.key(0), jax.random.normal(jax.random.key(1), (n,), jnp.float32))
-  fns = {name: jax.jit(fn) for name, fn in bench.variants(0.1, bench.Config(fast=False)).items()}
+  fns = {name: jax.jit(fn) for name, fn in common.elementwise_variants(0.1, fast=False).items()}
   dropout = "jaxdrop.dropout"
 
   among_all = common.interleaved(fns, args, repeats=5, min_sample_s=0.02)
   among_all = {name: common.median_ms(s) for name, s in among_all.items()}
   alone = {name: common.median_ms(common.alone(fns[name], args, repeats=7))
-           for name in (bench.FLOOR, dropout)}
+           for name in (common.FLOOR, dropout)}
   for timings in (among_all, alone):
-    assert timings[bench.FLOOR] < timings[dropout], (among_all, alone)
+    assert timings[common.FLOOR] < timings[dropout], (among_all, alone)
+
+
+def test_attention_quick_run_records_both_tables(tmp_path):
+  out = tmp_path / "attention.json"
+  done = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "bench_attention.py"), "--quick", "--length", "32",
+       "--json", str(out)],
+      capture_output=True, text=True, timeout=240, check=False,
+  )
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  results = json.loads(out.read_text())
+  assert results["failures"] == []
+  assert results["config"]["length"] == 32
+  assert [r["variant"] for r in results["block"]] == [
+      "flax default attention_fn", "jaxdrop.linen.dot_product_attention"]
+  assert all(r["step_ms"] > 0 and r["temp_bytes"] > 0 for r in results["block"])
+  assert len(results["attention"]) == 6
+  assert results["meta"]["command"].startswith("python benchmarks/bench_attention.py --quick")
+
+
+def test_attention_run_records_a_failing_row_and_times_the_rest(common, monkeypatch, tmp_path):
+  # On CPU a GPU run's own rows (cuDNN, "pallas") cannot compile: each failure is
+  # recorded, and the rows that compile are still timed and written.
+  bench_attention = _import("bench_attention")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  out = tmp_path / "attention.json"
+  bench_attention.main(["--quick", "--no-block", "--length", "32", "--causal", "--json", str(out)])
+  results = json.loads(out.read_text())
+  failed = {f["name"] for f in results["failures"]}
+  gpu_only = ("jax.nn cuDNN, no dropout", 'jaxdrop "pallas", dropout 0.1',
+              'jaxdrop "pallas", no dropout')
+  assert {f"{mode}: {name}" for mode in ("fwd", "fwd+bwd") for name in gpu_only} <= failed
+  timed = [r["variant"] for r in results["attention"]]
+  assert timed == list(common.attention_variants(0.1))  # the rows that need no GPU
+  assert all(r["forward_ms"] > 0 and r["temp_bytes"] > 0 for r in results["attention"])
+  assert results["config"]["causal"] and "block" not in results
