@@ -148,3 +148,49 @@ def test_attention_run_records_a_failing_row_and_times_the_rest(common, monkeypa
   assert timed == list(common.attention_variants(0.1))  # the rows that need no GPU
   assert all(r["forward_ms"] > 0 and r["temp_bytes"] > 0 for r in results["attention"])
   assert results["config"]["causal"] and "block" not in results
+
+
+def test_tune_smoke_run_profiles_each_kernel_and_times_each_tile(tmp_path):
+  out = tmp_path / "tune.json"
+  done = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "tune_attention.py"), "--smoke", "--tiles", "--json",
+       str(out)],
+      capture_output=True, text=True, timeout=240, check=False,
+  )
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  results = json.loads(out.read_text())
+  assert results["failures"] == []
+  profiled = {(r["kernel"], r["rate"]) for r in results["attention_kernels"]["rows"]}
+  assert profiled == {(k, r) for k in ("forward", "dq", "dk/dv") for r in (0.0, 0.1)}
+  rows = results["tiles"]["rows"]
+  # Two forward and two backward candidates (the smoke run's 16 x 16 tiles), at rate 0.1.
+  assert len({r["tiles"] for r in rows if r["kernel"] == "forward"}) == 2
+  assert len({r["tiles"] for r in rows if r["kernel"] == "dk/dv"}) == 2
+  assert {r["kernel"] for r in rows} == {"forward", "dq", "dk/dv"}
+  assert {r["rate"] for r in rows} == {0.1}
+  # The interpreter ignores warps and stages: every candidate computes the default's outputs.
+  assert all(r["max_abs_difference"] == 0 for r in rows)
+  report = _import("report").everything(results)
+  assert "| T = S = 64, H 24 | dk/dv | dkv 16x16 dq 16x16 warps None stages 2 | 0.1 |" in report
+
+
+def test_tune_records_a_failing_candidate_and_times_the_rest(monkeypatch):
+  tune = _import("tune_attention")
+  good = tune.SMOKE.blocks
+  bad = good._replace(q=24, q_dkv=24)  # not powers of two: the kernels refuse them
+  monkeypatch.setattr(tune, "candidates", lambda settings, part: [good, bad])
+  rows, failures = [], []
+  tune.tiles(tune.SMOKE, rows, failures, save=lambda: None)
+  assert [f["name"] for f in failures] == [
+      f"tiles: T = S = 64, H 24, rate 0.1, {tune.label(part, bad)}"
+      for part in ("forward", "backward")]
+  assert {(r["kernel"], r["tiles"]) for r in rows} == {
+      ("forward", tune.label("forward", good)), ("dq", tune.label("backward", good)),
+      ("dk/dv", tune.label("backward", good))}
+
+
+def test_tune_refuses_to_run_the_kernels_off_a_gpu_without_smoke():
+  tune = _import("tune_attention")
+  with pytest.raises(SystemExit) as exit_:
+    tune.main([])
+  assert exit_.value.code == 2

@@ -144,6 +144,30 @@ def test_transcribed_sections_carry_their_own_meta(report):
   assert caption[1] == "Command: `bash run.sh`."
 
 
+def test_a_run_by_a_replaced_script_names_the_command_that_reruns_it(report):
+  results = dict(meta=dict(META, backend="gpu", device="Some GPU"),
+                 elementwise=dict(meta=dict(command="bash old.sh", rerun="python new.py --gpu"),
+                                  rows=_elementwise_records()))
+  lines = report.elementwise(results)
+  assert lines[1].startswith("Rerun with `python new.py --gpu` (")
+  assert "old.sh" not in "\n".join(lines)
+
+
+def test_tiles_table_has_a_row_per_kernel_and_candidate(report):
+  rows = [dict(case="T = S = 64, H 24", kernel=kernel, tiles=tiles, rate=0.1, ms=ms,
+               max_abs_difference=difference)
+          for kernel, tiles, ms, difference in (("forward", "fwd 16x16", 1.5, 0.0),
+                                                ("forward", "fwd 32x16", 2.25, 0.0078125))]
+  results = dict(meta=META, tiles=dict(config=dict(batch=1, heads=2, dtype="bfloat16"),
+                                       rows=rows))
+  lines = report.tiles(results)
+  assert "B 1, N 2, bfloat16" in lines[0]
+  header, *body = _table(lines)
+  assert header[:3] == ["case", "kernel", "tiles"]
+  assert body == [["T = S = 64, H 24", "forward", "fwd 16x16", "0.1", "1.500", "0"],
+                  ["T = S = 64, H 24", "forward", "fwd 32x16", "0.1", "2.250", "0.00781"]]
+
+
 def test_regenerate_replaces_only_the_marked_blocks(report, tmp_path):
   page = ("intro\n<!-- report: cpu-train-step -->\nold table\n<!-- /report -->\n"
           "middle\n<!-- report: cpu-attention -->\n<!-- /report -->\nend\n")
