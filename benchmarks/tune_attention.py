@@ -210,7 +210,7 @@ def tiles(settings: Settings, rows: list[dict], failures: list[dict],
         save()
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tiles", action="store_true", help="also time the tile candidates")
   parser.add_argument("--smoke", action="store_true",
@@ -218,10 +218,14 @@ def main(argv: list[str] | None = None) -> dict:
                       "tests run; the times mean nothing)")
   parser.add_argument("--json", help="write the results here (default: a full run writes "
                       "benchmarks/results/tune_attention-<backend>.json; --smoke nothing)")
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = parse_args(argv)
   settings = SMOKE if args.smoke else Settings()
   if not args.smoke and jax.default_backend() != "gpu":
-    parser.error(f"the kernels compile for NVIDIA GPUs; on {jax.default_backend()} use --smoke")
+    sys.exit(f"the kernels compile for NVIDIA GPUs; on {jax.default_backend()} use --smoke")
   path = common.results_path(args.json, "tune_attention", not args.smoke)
   start = time.perf_counter()
   config = dict(batch=settings.batch, heads=settings.heads, length=settings.length,
