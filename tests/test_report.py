@@ -8,6 +8,7 @@ render small synthetic results and check the tables' structure and ratios.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,16 @@ def test_pages_are_what_the_committed_json_generates():
   done = subprocess.run([sys.executable, str(BENCHMARKS / "report.py"), "--check"],
                         capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
   assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
+
+
+def test_every_benchmark_script_the_pages_cite_exists():
+  pages = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
+  cited = set()
+  for page in pages:
+    cited |= set(re.findall(r"benchmarks/[\w/.-]+\.(?:py|sh)", page.read_text()))
+  assert "benchmarks/run_gpu.sh" in cited and "benchmarks/tune_attention.py" in cited
+  missing = sorted(path for path in cited if not (ROOT / path).exists())
+  assert not missing, missing
 
 
 def test_every_marker_names_a_known_table(report):
