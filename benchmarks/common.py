@@ -7,8 +7,8 @@ times or compiles the same function under the same name.
 
 The timer (``interleaved``) is the one method every table uses:
 
-* each function is jitted by the caller, then compiled and run once here
-  (compilation is never timed);
+* each function comes jitted or compiled (``compile_each``) and runs once
+  here before any sample: compilation is never timed;
 * one *sample* of a function is ``calls`` back-to-back calls, where ``calls``
   makes a sample last about ``min_sample_s`` (one call for anything slower),
   and the sample waits for every result (``jax.block_until_ready``); the
@@ -95,7 +95,7 @@ def interleaved(fns: dict[str, Callable], args: tuple, repeats: int,
   """Per function: `repeats` samples, in seconds per call, taken in turns (module docstring)."""
   calls = {}
   for name, fn in fns.items():
-    once = _sample(fn, args, 1)  # Its first call compiles it.
+    once = _sample(fn, args, 1)  # A jitted function's first call compiles it.
     calls[name] = max(1, math.ceil(min_sample_s / max(once, 1e-9)))
   names = list(fns)
   samples = {name: [] for name in names}
@@ -144,11 +144,6 @@ def attempt(name: str, failures: list[dict]):
 
 def median_ms(samples: list[float]) -> float:
   return float(np.median(samples)) * 1e3
-
-
-def temp_bytes(fn: Callable, args: tuple) -> int:
-  """The compiled temp memory of ``jax.jit(fn)(*args)``."""
-  return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
 
 
 # ----------------------------------------------------------------------------

@@ -252,7 +252,8 @@ def tiles(results: dict) -> list[str]:
   """``tune_attention.py --tiles``: each kernel's time under each tile candidate, per case."""
   meta, rows = section(results, "tiles")
   body = [[r["case"], r["kernel"], r["tiles"], f"{r['rate']:g}", ms(r["ms"]),
-           f"{r['max_abs_difference']:.3g}"] for r in rows]
+           "" if r["max_abs_difference"] is None else f"{r['max_abs_difference']:.3g}"]
+          for r in rows]
   header = ["case", "kernel", "tiles", "rate", "ms", "max abs difference from the default tiles"]
   config = results["tiles"].get("config", {})
   title = (f"Each attention kernel alone under each tile candidate, B {config.get('batch', '?')}, "

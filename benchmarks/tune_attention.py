@@ -187,8 +187,9 @@ def tiles(settings: Settings, rows: list[dict], failures: list[dict],
         parts.append("backward")
       for part in parts:
         names = ("forward",) if part == "forward" else ("dq", "dk/dv")
+        candidate_tiles = candidates(settings, part)
         calls, outputs = {}, {}
-        for blocks in candidates(settings, part):
+        for blocks in candidate_tiles:
           tile = label(part, blocks)
           with common.attempt(f"tiles: {case}, rate {rate}, {tile}", failures):
             _, kernels = kernels_alone(settings, qkvd, config, blocks, names)
@@ -198,14 +199,14 @@ def tiles(settings: Settings, rows: list[dict], failures: list[dict],
         if not calls:
           continue
         samples = common.interleaved(calls, (), settings.repeats, settings.min_sample_s)
-        default = {}  # each kernel's outputs under the first (default) tiles
-        for (name, tile), out in outputs.items():
-          default.setdefault(name, out)
+        default = label(part, candidate_tiles[0])
         for (name, tile), s in samples.items():
           ms = common.median_ms(s)
+          # None where the default tiles failed: there is nothing to compare with.
+          difference = (max_difference(outputs[name, tile], outputs[name, default])
+                        if (name, default) in outputs else None)
           rows.append(dict(case=case, kernel=name, tiles=tile, rate=rate, ms=ms,
-                           max_abs_difference=max_difference(outputs[name, tile],
-                                                             default[name])))
+                           max_abs_difference=difference))
           print(f"  {case:<26} {name:<6} {tile:<44} rate {rate:<4} {ms:9.3f} ms", flush=True)
         save()
 
