@@ -1,11 +1,13 @@
 """The benchmark scripts run, record what they claim, and time as timing alone does.
 
-``bench.py --smoke`` runs a GPU run's rows (the Pallas kernel in its
-interpreter) at toy shapes on CPU; its times mean nothing. The timer test
-checks the one property the harness must have (it once timed the floor slower
-than dropout): timed among all the variants, ``x * 2.0`` is faster than
-``jaxdrop.dropout``, as it is when each is timed alone. No timing value is
-asserted.
+Each script runs here on CPU: ``bench.py --smoke`` (a GPU run's rows, the
+Pallas kernel in its interpreter, at toy shapes), ``bench_attention.py
+--quick``, ``tune_attention.py --smoke`` and ``run_gpu.sh`` with a stand-in
+python; their times mean nothing. A row that fails is recorded and the run goes
+on. The timer test checks the one property the harness must have (it once
+timed the floor slower than dropout): timed among all the variants, ``x * 2.0``
+is faster than ``jaxdrop.dropout``, as it is when each is timed alone. No
+timing value is asserted.
 """
 
 from __future__ import annotations
@@ -221,14 +223,14 @@ def test_gpu_runner_runs_every_step_past_a_failure(tmp_path, bench):
   lines = [line.split() for line in calls.read_text().splitlines()]
   assert lines[0][:4] == ["-m", "pytest", "-m", "gpu"]
   scripts = [Path(line[0]).name for line in lines[1:]]
-  assert scripts == ["bench.py", "bench_attention.py", "bench_attention.py",
-                     "tune_attention.py"]
+  assert scripts == ["bench.py", "bench_attention.py", "tune_attention.py",
+                     "bench_attention.py"]
   parsers = {"bench.py": bench.parse_args,
              "bench_attention.py": _import("bench_attention").parse_args,
              "tune_attention.py": _import("tune_attention").parse_args}
   for line in lines[1:]:
     parsers[Path(line[0]).name](line[1:])
     assert line[-2] == "--json" and Path(line[-1]).parent == out
-  for step in ("device", "gpu-tests", "bench", "bench_attention", "bench_attention_causal",
-               "tune_attention"):
+  for step in ("device", "gpu-tests", "bench", "bench_attention", "tune_attention",
+               "bench_attention_causal"):
     assert (out / f"{step}.log").exists()
