@@ -6,9 +6,9 @@ compile), so this runs on any Linux x86 host with the CUDA plugin installed
 the plugin needs ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1`` when no driver is
 present). It reports what a compile fixes, never a time:
 
-  (1) ``bench.py``'s MLP train step at issue 10's shape (3 x Dense 4096 +
+  (1) ``bench.py``'s MLP train step at its GPU shape (3 x Dense 4096 +
       relu + dropout 0.1, batch 8192, float32, Adam, donated; input width
-      4096), the step the GPU session times: compiled temp
+      4096), the step ``run_gpu.sh`` times: compiled temp
       memory and kernel launches for no dropout, flax, jaxdrop (both
       modes), jaxdrop under ``jax.checkpoint`` policies, and
       ``relu_dropout``; then the same at ``bench.py``'s small default shape;
@@ -18,7 +18,7 @@ present). It reports what a compile fixes, never a time:
       case (the Pallas interpreter and Triton-IR lowering on CPU do not run
       Triton's passes, where a layout once exhausted host memory);
   (4) the fast-mode elementwise kernel (``benchmarks/pallas_dropout.py``), the same;
-  (5) ``bench.py``'s bf16 transformer train step at issue 10's GPU shape
+  (5) ``bench.py``'s bf16 transformer train step at its GPU shape
       (2 blocks, batch 16, T 1024, width 1024, 16 heads): temp memory and
       kernel launches.
 
@@ -42,8 +42,7 @@ from jax.experimental import topologies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench  # noqa: E402 - benchmarks/bench.py: the models it times on a GPU
-import common  # noqa: E402 - benchmarks/common.py: losses and the train step
+import common  # noqa: E402 - benchmarks/common.py: the models, losses and train step
 import jaxdrop  # noqa: E402
 import pallas_dropout as _pallas_dropout  # noqa: E402  (benchmarks/pallas_dropout.py)
 from jaxdrop._attention import pallas_triton  # noqa: E402
@@ -147,17 +146,15 @@ def step_cost(model: nn.Module, batch, loss_of) -> tuple[float, int]:
 
 
 def mlp_table() -> None:
-  # gpu_rows: the Pallas kernel's rows too, as bench.py adds them on a GPU.
-  cfg = bench.Config(mlp_inputs=4096, mlp_widths=(4096,) * 3, mlp_batch=8192, train_rate=RATE,
-                     gpu_rows=True)
-  for title, cfg in (
-      ("(1) MLP step, 3 x Dense 4096, batch 8192", cfg),
+  for title, (inputs, widths, batch_size) in (
+      ("(1) MLP step, 3 x Dense 4096, batch 8192", (4096, (4096,) * 3, 8192)),
       ("(1b) MLP step, 784-1024-1024-10, batch 256 (bench.py's default)",
-       bench.Config(gpu_rows=True)),
+       (784, (1024, 1024), 256)),
   ):
     print(f"{title}, float32, Adam, donated: temp memory, kernels")
-    batch = (jnp.zeros((cfg.mlp_batch, cfg.mlp_inputs)), jnp.zeros((cfg.mlp_batch,), jnp.int32))
-    for name, model in bench.train_models(cfg).items():
+    batch = (jnp.zeros((batch_size, inputs)), jnp.zeros((batch_size,), jnp.int32))
+    # pallas=True: the Pallas kernel's rows too, as bench.py adds them on a GPU.
+    for name, model in common.mlp_models(RATE, widths, pallas=True).items():
       report(name, functools.partial(step_cost, model, batch, common.classification_loss))
 
 
@@ -228,13 +225,12 @@ def _attention_rows() -> None:
 
 
 def block_table() -> None:
-  cfg = bench.Config(block_shape=(16, 1024, 1024, 16), train_rate=RATE, gpu_rows=True)
-  print(f"\n(5) bf16 transformer train step, B T D N = {cfg.block_shape}, dropout {RATE}: "
-        "temp memory, kernels")
-  batch_size, seq, width, _ = cfg.block_shape
+  batch_size, seq, width, heads = 16, 1024, 1024, 16
+  print(f"\n(5) bf16 transformer train step, B T D N = {batch_size} {seq} {width} {heads}, "
+        f"dropout {RATE}: temp memory, kernels")
   batch = (jnp.zeros((batch_size, seq, width), jnp.bfloat16),
            jnp.zeros((batch_size, seq, width), jnp.float32))
-  for name, model in bench.block_models(cfg).items():
+  for name, model in common.block_models(heads, RATE, pallas=True).items():
     report(name, functools.partial(step_cost, model, batch, common.regression_loss))
 
 

@@ -12,7 +12,9 @@ excluded, functions taking turns, a warm-up call before each sample, medians):
    after each hidden relu, or relu_dropout in place of both), and its time;
 3. the same two for a bf16 transformer train step (``--block-shape``).
 
-It measures and records; it judges nothing. A full run writes
+It measures and records; it judges nothing. A row that fails to build or
+compile is printed and recorded under ``failures`` (the exit status is then 1),
+and the run goes on. A full run writes
 ``benchmarks/results/bench-<backend>.json`` (or ``--json PATH``), with the
 device, versions, commit and command; ``benchmarks/report.py`` makes
 BENCHMARKS.md's tables from it.
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import sys
 import time
 from collections.abc import Callable
@@ -43,28 +44,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 import common
-import jaxdrop
-import pallas_dropout
-
-try:
-  import equinox as eqx
-except ImportError:
-  eqx = None
-try:
-  import haiku as hk
-except ImportError:
-  hk = None
-
-FLOOR = "x * 2.0 (floor)"
-FLAX = "flax.linen.Dropout"
-FAST = "jaxdrop.dropout bits=16"
-FAST_LINEN = "jaxdrop.linen.Dropout bits=16"
-REMAT_POLICY = "remat policy"  # save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
-REMAT = "jaxdrop.linen.Dropout + " + REMAT_POLICY
-PALLAS_FAST = "pallas kernel bits=16"
+from common import FLAX, FLOOR, NO_DROPOUT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +89,7 @@ SMOKE = dict(log2_sizes=(10,), rates=(0.1,), repeats=2, min_sample_s=1e-4, mlp_i
 
 
 # ----------------------------------------------------------------------------
-# The variants: each maps a static rate to f(key, x).
-
-
-def _linen(module: nn.Module) -> Callable:
-  return lambda key, x: module.apply({}, x, rngs={"dropout": key})
+# The elementwise rows.
 
 
 def gpu_rows(cfg: Config) -> bool:
@@ -119,35 +97,8 @@ def gpu_rows(cfg: Config) -> bool:
   return jax.default_backend() == "gpu" if cfg.gpu_rows is None else cfg.gpu_rows
 
 
-def variants(rate: float, cfg: Config) -> dict[str, Callable]:
-  fns = {
-      FLOOR: lambda key, x: x * 2.0,
-      "jaxdrop.dropout": lambda key, x: jaxdrop.dropout(key, x, rate),
-      FAST: lambda key, x: jaxdrop.dropout(key, x, rate, bits=16),
-      "jaxdrop.linen.Dropout": _linen(jaxdrop.linen.Dropout(rate, deterministic=False)),
-      "jaxdrop.nnx.Dropout": lambda key, x: jaxdrop.nnx.Dropout(rate)(x, rngs=key),
-      FLAX: _linen(nn.Dropout(rate, deterministic=False)),
-      "flax.nnx.Dropout": lambda key, x: nnx.Dropout(rate, deterministic=False)(x, rngs=key),
-  }
-  if eqx is not None:
-    fns["equinox.nn.Dropout"] = lambda key, x: eqx.nn.Dropout(rate)(x, key=key, inference=False)
-  if hk is not None:
-    fns["haiku.dropout"] = lambda key, x: hk.dropout(key, rate, x)
-  if not cfg.fast:
-    del fns[FAST]
-  elif gpu_rows(cfg):
-    fns[PALLAS_FAST] = lambda key, x: pallas_dropout.dropout16(key, x, rate,
-                                                               interpret=cfg.interpret)
-  return fns
-
-
-def forward_backward(fn: Callable) -> Callable:
-  """``(key, x, w) -> grad_x sum(fn(key, x) * w)``."""
-  return lambda key, x, w: jax.grad(lambda x: jnp.sum(fn(key, x) * w))(x)
-
-
 def bench_elementwise(cfg: Config, min_sample_s: float, records: list[dict],
-                      save: Callable[[], None]) -> None:
+                      failures: list[dict], save: Callable[[], None]) -> None:
   key = jax.random.key(0)
   for log2 in cfg.log2_sizes:
     for dtype in cfg.dtypes:
@@ -155,38 +106,39 @@ def bench_elementwise(cfg: Config, min_sample_s: float, records: list[dict],
       x = jax.random.normal(jax.random.key(1), (n,), jnp.float32).astype(dtype)
       w = jax.random.normal(jax.random.key(2), (n,), jnp.float32).astype(dtype)
       for rate in cfg.rates:
-        fns = variants(rate, cfg)
+        fns = common.elementwise_variants(rate, cfg.fast, gpu_rows(cfg), cfg.interpret)
         for mode, wrap, args in (
             ("fwd", lambda f: f, (key, x)),
-            ("fwd+bwd", forward_backward, (key, x, w)),
+            ("fwd+bwd", common.forward_backward, (key, x, w)),
         ):
-          jitted = {name: jax.jit(wrap(fn)) for name, fn in fns.items()}
-          samples = common.interleaved(jitted, args, cfg.repeats, min_sample_s)
-          median = {name: common.median_ms(s) for name, s in samples.items()}
-          for name in fns:
-            records.append(dict(
-                log2_size=log2, dtype=dtype, rate=rate, mode=mode, variant=name,
-                ms=median[name],
-                x_floor=median[name] / median[FLOOR],
-                speedup_vs_flax=median[FLAX] / median[name],
-                samples_ms=[s * 1e3 for s in samples[name]],
-            ))
+          compiled = common.compile_each({name: wrap(fn) for name, fn in fns.items()}, args,
+                                         failures, f"2^{log2} {dtype} rate {rate} {mode}")
+          samples = common.interleaved(compiled, args, cfg.repeats, min_sample_s)
+          for name, s in samples.items():
+            records.append(dict(log2_size=log2, dtype=dtype, rate=rate, mode=mode, variant=name,
+                                ms=common.median_ms(s), samples_ms=[t * 1e3 for t in s]))
         print_elementwise([r for r in records if r["log2_size"] == log2
                            and r["dtype"] == dtype and r["rate"] == rate])
         save()
 
 
 def print_elementwise(records: list[dict]) -> None:
+  if not records:  # Every variant failed (printed above).
+    return
   first = records[0]
   print(f"\nn = 2^{first['log2_size']}, {first['dtype']}, rate {first['rate']}"
         "   (x floor: time / floor's time; vs flax: flax.linen's time / time)")
   print(f"  {'variant':<31}{'fwd ms':>9}{'x floor':>9}{'vs flax':>9}"
         f"{'f+b ms':>10}{'x floor':>9}{'vs flax':>9}")
-  by = {(r["variant"], r["mode"]): r for r in records}
+  ms = {(r["variant"], r["mode"]): r["ms"] for r in records}
+  nan = float("nan")
   for name in dict.fromkeys(r["variant"] for r in records):
-    f, b = by[name, "fwd"], by[name, "fwd+bwd"]
-    print(f"  {name:<31}{f['ms']:9.4g}{f['x_floor']:9.2f}{f['speedup_vs_flax']:9.2f}"
-          f"{b['ms']:10.4g}{b['x_floor']:9.2f}{b['speedup_vs_flax']:9.2f}")
+    cells = ""
+    for mode, width in (("fwd", 9), ("fwd+bwd", 10)):
+      t = ms.get((name, mode), nan)
+      floor, flax = ms.get((FLOOR, mode), nan), ms.get((FLAX, mode), nan)
+      cells += f"{t:{width}.4g}{t / floor:9.2f}{flax / t:9.2f}"
+    print(f"  {name:<31}{cells}")
   sys.stdout.flush()
 
 
@@ -194,42 +146,7 @@ def print_elementwise(records: list[dict]) -> None:
 # The train steps: memory and time.
 
 
-def train_models(cfg: Config) -> dict[str, nn.Module]:
-  """The MLP step's variants; ``gpu_rows(cfg)`` adds the Pallas kernel's."""
-  mlp = functools.partial(common.MLP, rate=cfg.train_rate, widths=cfg.mlp_widths)
-  models = {
-      "no dropout": mlp(None),
-      "jaxdrop.linen.Dropout": mlp(jaxdrop.linen.Dropout),
-      FLAX: mlp(nn.Dropout),
-  }
-  if cfg.fast:
-    models[FAST_LINEN] = mlp(functools.partial(jaxdrop.linen.Dropout, bits=16))
-  models[common.RELU_DROPOUT] = mlp(common.RELU_DROPOUT)
-  if cfg.fast and gpu_rows(cfg):
-    models[PALLAS_FAST] = mlp(functools.partial(pallas_dropout.Dropout, interpret=cfg.interpret))
-  # Recomputing the dropout outputs under jax.checkpoint (docs/semantics.md).
-  policy = jax.checkpoint_policies.save_any_names_but_these(jaxdrop.CHECKPOINT_NAME)
-  models[REMAT] = mlp(jaxdrop.linen.Dropout, remat_policy=policy)
-  models["no dropout + " + REMAT_POLICY] = mlp(None, remat_policy=policy)
-  return models
-
-
-def block_models(cfg: Config) -> dict[str, nn.Module]:
-  """The transformer step's variants: 2 bf16 blocks, ``cfg.block_shape``'s heads."""
-  block = functools.partial(common.Block, cfg.block_shape[3], cfg.train_rate, depth=2,
-                            dtype=jnp.bfloat16)
-  models = {"no dropout": block(dropout=None),
-            "jaxdrop.linen.Dropout": block(dropout=jaxdrop.linen.Dropout),
-            FLAX: block(dropout=nn.Dropout)}
-  if cfg.fast:
-    models[FAST_LINEN] = block(dropout=functools.partial(jaxdrop.linen.Dropout, bits=16))
-    if gpu_rows(cfg):
-      models[PALLAS_FAST] = block(
-          dropout=functools.partial(pallas_dropout.Dropout, interpret=cfg.interpret))
-  return models
-
-
-def bench_train_step(cfg: Config) -> dict:
+def bench_train_step(cfg: Config, failures: list[dict]) -> dict:
   batch = (
       jax.random.normal(jax.random.key(3), (cfg.mlp_batch, cfg.mlp_inputs), jnp.float32),
       jax.random.randint(jax.random.key(4), (cfg.mlp_batch,), 0, 10),
@@ -237,10 +154,12 @@ def bench_train_step(cfg: Config) -> dict:
   widths = "-".join(str(w) for w in (cfg.mlp_inputs, *cfg.mlp_widths, 10))
   title = (f"MLP train step {widths}, batch {cfg.mlp_batch}, Adam, donated; "
            f"dropout rate {cfg.train_rate} after each hidden relu")
-  return bench_steps(cfg, train_models(cfg), batch, common.classification_loss, title)
+  models = common.mlp_models(cfg.train_rate, cfg.mlp_widths, cfg.fast, gpu_rows(cfg),
+                             cfg.interpret)
+  return bench_steps(cfg, models, batch, common.classification_loss, title, failures)
 
 
-def bench_block_step(cfg: Config) -> dict:
+def bench_block_step(cfg: Config, failures: list[dict]) -> dict:
   batch_size, seq, width, heads = cfg.block_shape
   shape = (batch_size, seq, width)
   batch = (
@@ -250,11 +169,12 @@ def bench_block_step(cfg: Config) -> dict:
   title = (f"bf16 transformer train step: 2 pre-LN blocks, batch {batch_size}, T {seq}, "
            f"width {width}, {heads} heads, Adam, donated; dropout rate {cfg.train_rate} "
            "after attention, in the MLP and after it")
-  return bench_steps(cfg, block_models(cfg), batch, common.regression_loss, title)
+  models = common.block_models(heads, cfg.train_rate, cfg.fast, gpu_rows(cfg), cfg.interpret)
+  return bench_steps(cfg, models, batch, common.regression_loss, title, failures)
 
 
 def bench_steps(cfg: Config, models: dict[str, nn.Module], batch, loss_of: Callable,
-                title: str) -> dict:
+                title: str, failures: list[dict]) -> dict:
   """Temp memory and interleaved step times of each model's donated train step."""
   # One fixed key: the masks do not change the cost, and a per-step fold_in
   # would add a dispatch to every timed call.
@@ -262,33 +182,29 @@ def bench_steps(cfg: Config, models: dict[str, nn.Module], batch, loss_of: Calla
   tx = optax.adam(1e-3)
   memory, steps = {}, {}
   for name, model in models.items():
-    params = model.init(jax.random.key(6), batch[0], train=False)["params"]
-    opt_state = tx.init(params)
-    step = common.make_train_step(model, tx, loss_of)
-    stats = step.lower(params, opt_state, batch, key).compile().memory_analysis()
-    memory[name] = dict(
-        temp_bytes=int(stats.temp_size_in_bytes),
-        argument_bytes=int(stats.argument_size_in_bytes),
-        output_bytes=int(stats.output_size_in_bytes),
-        alias_bytes=int(stats.alias_size_in_bytes),
-    )
-    steps[name] = common.DonatedStep(step, params, opt_state, batch, key)
-  base = memory["no dropout"]["temp_bytes"]
-  for m in memory.values():
-    m["temp_bytes_over_no_dropout"] = m["temp_bytes"] - base
+    with common.attempt(f"train step {name}", failures):
+      params = model.init(jax.random.key(6), batch[0], train=False)["params"]
+      opt_state = tx.init(params)
+      step = common.make_train_step(model, tx, loss_of)
+      stats = step.lower(params, opt_state, batch, key).compile().memory_analysis()
+      memory[name] = dict(
+          temp_bytes=int(stats.temp_size_in_bytes),
+          argument_bytes=int(stats.argument_size_in_bytes),
+          output_bytes=int(stats.output_size_in_bytes),
+          alias_bytes=int(stats.alias_size_in_bytes),
+      )
+      steps[name] = common.DonatedStep(step, params, opt_state, batch, key)
   samples = common.interleaved(steps, (), cfg.train_repeats, cfg.train_min_sample_s)
-  median = {name: common.median_ms(s) for name, s in samples.items()}
-  timing = {
-      name: dict(ms=median[name], x_no_dropout=median[name] / median["no dropout"],
-                 samples_ms=[s * 1e3 for s in samples[name]])
-      for name in steps
-  }
+  timing = {name: dict(ms=common.median_ms(s), samples_ms=[t * 1e3 for t in s])
+            for name, s in samples.items()}
+  base = memory.get(NO_DROPOUT, {}).get("temp_bytes")
+  base_ms = timing.get(NO_DROPOUT, {}).get("ms", float("nan"))
   print(f"\n{title}")
   print(f"  {'variant':<38}{'temp bytes':>14}{'vs none':>13}{'step ms':>10}{'x none':>8}")
   for name in steps:
     m, t = memory[name], timing[name]
-    print(f"  {name:<38}{m['temp_bytes']:14,d}{m['temp_bytes_over_no_dropout']:+13,d}"
-          f"{t['ms']:10.4g}{t['x_no_dropout']:8.3f}")
+    over = f"{m['temp_bytes'] - base:+13,d}" if base is not None else f"{'?':>13}"
+    print(f"  {name:<38}{m['temp_bytes']:14,d}{over}{t['ms']:10.4g}{t['ms'] / base_ms:8.3f}")
   return dict(title=title, memory=memory, time=timing)
 
 
@@ -338,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     # JAX expands "gpu" to "cuda,rocm" and then fails on the one not installed.
     jax.config.update("jax_platforms", "cuda" if cfg.platform == "gpu" else cfg.platform)
   meta = common.metadata()
-  meta["skipped"] = [name for name, mod in (("equinox", eqx), ("haiku", hk)) if mod is None]
+  meta["skipped"] = common.missing_competitors()
   print(f"jaxdrop benchmark on {meta['device']} ({meta['backend']}; {meta['cpu']}, "
         f"{meta['cpu_count']} cores), jax {meta['versions']['jax']}, "
         f"flax {meta['versions']['flax']}")
@@ -347,20 +263,21 @@ def main(argv: list[str] | None = None) -> dict:
   min_sample_s = cfg.min_sample_s or (0.02 if meta["backend"] == "cpu" else 0.01)
   path = common.results_path(cfg.json, "bench", full)
   start = time.perf_counter()
-  results = dict(meta=meta, config=dataclasses.asdict(cfg), elementwise=[])
+  results = dict(meta=meta, config=dataclasses.asdict(cfg), elementwise=[], failures=[])
 
   def save() -> None:
     meta["seconds"] = round(time.perf_counter() - start, 1)
     common.write_json(path, results)
 
-  bench_elementwise(cfg, min_sample_s, results["elementwise"], save)
-  results["train_step"] = bench_train_step(cfg)
+  failures = results["failures"]
+  bench_elementwise(cfg, min_sample_s, results["elementwise"], failures, save)
+  results["train_step"] = bench_train_step(cfg, failures)
   save()
-  results["block_step"] = bench_block_step(cfg)
+  results["block_step"] = bench_block_step(cfg, failures)
   save()
-  print(f"\n{meta['seconds']} s" + (f"; results in {path}" if path else ""))
+  print(f"\n{meta['seconds']} s, {len(failures)} failed" + (f"; results in {path}" if path else ""))
   return results
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(1 if main()["failures"] else 0)

@@ -6,7 +6,7 @@ If the harness measures what it claims, the two medians agree for every row. The
 methods alternate, round by round (``_compare``), so the machine's slow and fast
 minutes fall on both.
 This script times the rows of ``bench.py`` (all variants, fwd and fwd+bwd) and
-of ``bench_attention.py`` (attention alone) both ways and prints the ratio
+of ``bench_attention.py`` (attention alone, its CPU shape) both ways and prints the ratio
 harness / alone; it records, it does not judge. A full run writes
 ``benchmarks/results/check_harness-<backend>.json`` (or ``--json PATH``).
 
@@ -18,19 +18,19 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-import bench
-import bench_attention
 import common
 
 
 # Calls per function per round timed alone (after one untimed call).
 ALONE_CALLS = 3
+# Attention as bench_attention.py times it on CPU, with its repeats and sample length.
+ATTENTION = dict(batch=1, heads=8, length=2048, head_dim=64, dtype="float32", rate=0.1,
+                 repeats=5, min_sample_s=0.3)
+ATTENTION_QUICK = dict(ATTENTION, length=256, repeats=2, min_sample_s=0.02)
 
 
 def _compare(fns: dict, args: tuple, repeats: int, min_sample_s: float) -> list[dict]:
@@ -67,28 +67,26 @@ def elementwise(log2_size: int, dtype: str, rates: tuple[float, ...], repeats: i
   w = jax.random.normal(jax.random.key(2), (n,), jnp.float32).astype(dtype)
   records = []
   for rate in rates:
-    variants = bench.variants(rate, bench.Config(gpu_rows=False))
+    variants = common.elementwise_variants(rate)
     for mode, wrap, args in (("fwd", lambda f: f, (key, x)),
-                             ("fwd+bwd", bench.forward_backward, (key, x, w))):
+                             ("fwd+bwd", common.forward_backward, (key, x, w))):
       fns = {name: jax.jit(wrap(fn)) for name, fn in variants.items()}
       for row in _compare(fns, args, repeats, min_sample_s):
         records.append(dict(log2_size=log2_size, dtype=dtype, rate=rate, mode=mode, **row))
   return records
 
 
-def attention(cfg: bench_attention.Config) -> list[dict]:
-  shape = (cfg.batch, cfg.length, cfg.heads, cfg.head_dim)
-  rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.normal(size=shape), cfg.dtype) for _ in range(3))
-  w = jnp.asarray(rng.normal(size=shape), jnp.float32)
-  key = jax.random.key(0)
-  variants = bench_attention.attention_variants(cfg.rate)
+def attention(cfg: dict) -> list[dict]:
+  """``ATTENTION``'s rows (``cfg``), forward and forward+backward, both ways."""
+  q, k, v, key, w = common.attention_inputs(cfg["batch"], cfg["length"], cfg["heads"],
+                                            cfg["head_dim"], cfg["dtype"])
+  variants = common.attention_variants(cfg["rate"])
   records = []
   for mode, wrap, args in (("fwd", lambda f: f, (q, k, v, key)),
-                           ("fwd+bwd", bench_attention.forward_backward, (q, k, v, key, w))):
+                           ("fwd+bwd", common.attention_forward_backward, (q, k, v, key, w))):
     fns = {name: jax.jit(wrap(fn)) for name, fn in variants.items()}
     records += [dict(mode=mode, **row)
-                for row in _compare(fns, args, cfg.repeats, cfg.min_sample_s)]
+                for row in _compare(fns, args, cfg["repeats"], cfg["min_sample_s"])]
   return records
 
 
@@ -107,8 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "benchmarks/results/check_harness-<backend>.json; --quick nothing)")
   args = parser.parse_args(argv)
   log2, rates, repeats = (20, (0.5,), 3) if args.quick else (24, (0.1, 0.5), 9)
-  attention_cfg = (bench_attention.Config(**bench_attention.QUICK) if args.quick
-                   else bench_attention.Config())
+  attention_cfg = ATTENTION_QUICK if args.quick else ATTENTION
   min_sample_s = 0.02 if jax.default_backend() == "cpu" else 0.01
   results = dict(meta=common.metadata(), elementwise=[], attention=[])
   path = common.results_path(args.json, "check_harness", not args.quick)
@@ -116,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
   _print(f"Elementwise, 2^{log2} float32 (bench.py's variants)", results["elementwise"])
   common.write_json(path, results)
   if not args.no_attention:
-    results["attention_config"] = dataclasses.asdict(attention_cfg)
+    results["attention_config"] = attention_cfg
     results["attention"] = attention(attention_cfg)
     _print("Attention (bench_attention.py's variants)", results["attention"])
     common.write_json(path, results)

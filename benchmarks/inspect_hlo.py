@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import bench
 import common
 from jaxdrop import _masks, _threefry
 
@@ -63,12 +62,11 @@ def main() -> None:
     jax.config.update("jax_platforms", "cuda" if args.platform == "gpu" else args.platform)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  cfg = bench.Config()
   batch = (jnp.ones((256, 784)), jnp.zeros((256,), jnp.int32))
   key, tx = jax.random.key(5), optax.adam(1e-3)
-  for name, model in bench.train_models(cfg).items():
+  for name, model in common.mlp_models(0.1, (1024, 1024)).items():
     params = model.init(jax.random.key(6), batch[0], train=False)["params"]
-    compiled = bench.make_train_step(model, tx).lower(
+    compiled = common.make_train_step(model, tx).lower(
         params, tx.init(params), batch, key).compile()
     stats = compiled.memory_analysis()
     print(f"{name}: temp {stats.temp_size_in_bytes:,} bytes")
@@ -76,7 +74,7 @@ def main() -> None:
     (out / f"train_step_{slug}.hlo.txt").write_text(f"// {stats}\n" + compiled.as_text())
 
   x = jnp.ones(2**24, jnp.float32)
-  variants = bench.variants(0.1, cfg)
+  variants = common.elementwise_variants(0.1)
   variants["bits=16 unpacked, (n/4, 4) out"] = (
       lambda k, x: unpacked_dropout(k, x, 0.1, lanes_axis=True))
   variants["bits=16 unpacked, reshaped"] = lambda k, x: unpacked_dropout(k, x, 0.1)
@@ -87,10 +85,10 @@ def main() -> None:
   for dtype in (jnp.float32, jnp.bfloat16):
     x = jnp.ones(2**24, dtype)
     fns = {name: jax.jit(variants[name]) for name in (
-        bench.FLOOR, "jaxdrop.dropout", bench.FAST,
+        common.FLOOR, "jaxdrop.dropout", common.FAST,
         "bits=16 unpacked, (n/4, 4) out", "bits=16 unpacked, reshaped")}
     samples = common.interleaved(fns, (key, x), 9, 0.01)
-    floor = min(samples[bench.FLOOR])
+    floor = min(samples[common.FLOOR])
     print(f"\n2^24 {jnp.dtype(dtype).name}: min ms, x floor")
     for name, s in samples.items():
       print(f"  {name:<36}{min(s) * 1e3:8.3f}{min(s) / floor:7.2f}")

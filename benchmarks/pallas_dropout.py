@@ -27,7 +27,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-import common  # noqa: F401 -- puts the checkout on sys.path
 from jaxdrop import _dropout, _masks, _validate
 
 _U32 = jnp.uint32

@@ -103,18 +103,21 @@ def caption(meta: dict[str, Any], title: str) -> list[str]:
   parts += [f"commit {meta.get('commit') or '?'}", str(meta.get("date", "?"))[:10]]
   if meta.get("source"):
     parts.append(meta["source"])
-  command = f"Command: `{meta.get('command', '?')}`"
-  if meta.get("runs"):
-    command += f", which runs `{meta['runs']}`"
-  return [f"**{title}** _" + "; ".join(parts) + "._", command + ".", ""]
+  if meta.get("rerun"):  # a transcribed run, made by a script that has since been replaced
+    command = (f"Rerun with `{meta['rerun']}` (the run itself used that commit's script and "
+               "timer).")
+  else:
+    command = f"Command: `{meta.get('command', '?')}`."
+  return [f"**{title}** _" + "; ".join(parts) + "._", command, ""]
 
 
 def section(results: dict, key: str) -> tuple[dict, Any]:
-  """``results[key]`` and the meta that describes it: the file's, updated by the section's."""
+  """``results[key]`` (its ``rows``, where it has them) and the meta that describes it: the
+  file's, updated by the section's."""
   value = results[key]
   meta = dict(results.get("meta", {}))
-  if isinstance(value, dict) and "meta" in value:
-    meta.update(value["meta"])
+  if isinstance(value, dict):
+    meta.update(value.get("meta", {}))
     value = value.get("rows", value)
   return meta, value
 
@@ -245,6 +248,19 @@ def attention_kernels(results: dict) -> list[str]:
   return caption(meta, title) + table(header, body)
 
 
+def tiles(results: dict) -> list[str]:
+  """``tune_attention.py --tiles``: each kernel's time under each tile candidate, per case."""
+  meta, rows = section(results, "tiles")
+  body = [[r["case"], r["kernel"], r["tiles"], f"{r['rate']:g}", ms(r["ms"]),
+           "" if r["max_abs_difference"] is None else f"{r['max_abs_difference']:.3g}"]
+          for r in rows]
+  header = ["case", "kernel", "tiles", "rate", "ms", "max abs difference from the default tiles"]
+  config = results["tiles"].get("config", {})
+  title = (f"Each attention kernel alone under each tile candidate, B {config.get('batch', '?')}, "
+           f"N {config.get('heads', '?')}, {config.get('dtype', '?')}.")
+  return caption(meta, title) + table(header, body, ["l", "l", "l", "r", "r", "r"])
+
+
 def harness_check(results: dict) -> list[str]:
   """``check_harness.py``: each row's median timed in turns and alone, and their ratio."""
   meta = results.get("meta", {})
@@ -366,6 +382,8 @@ def everything(results: dict) -> str:
     parts.append(attention_block(results))
   if "attention_kernels" in results:
     parts.append(attention_kernels(results))
+  if "tiles" in results:
+    parts.append(tiles(results))
   return "\n\n".join("\n".join(p) for p in parts)
 
 

@@ -8,6 +8,7 @@ render small synthetic results and check the tables' structure and ratios.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,16 @@ def test_pages_are_what_the_committed_json_generates():
   done = subprocess.run([sys.executable, str(BENCHMARKS / "report.py"), "--check"],
                         capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
   assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
+
+
+def test_every_benchmark_script_the_pages_cite_exists():
+  pages = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
+  cited = set()
+  for page in pages:
+    cited |= set(re.findall(r"benchmarks/[\w/.-]+\.(?:py|sh)", page.read_text()))
+  assert "benchmarks/run_gpu.sh" in cited and "benchmarks/tune_attention.py" in cited
+  missing = sorted(path for path in cited if not (ROOT / path).exists())
+  assert not missing, missing
 
 
 def test_every_marker_names_a_known_table(report):
@@ -142,6 +153,30 @@ def test_transcribed_sections_carry_their_own_meta(report):
   assert "Some GPU" in caption[0] and "commit def5678" in caption[0]
   assert "transcribed from a page" in caption[0]
   assert caption[1] == "Command: `bash run.sh`."
+
+
+def test_a_run_by_a_replaced_script_names_the_command_that_reruns_it(report):
+  results = dict(meta=dict(META, backend="gpu", device="Some GPU"),
+                 elementwise=dict(meta=dict(command="bash old.sh", rerun="python new.py --gpu"),
+                                  rows=_elementwise_records()))
+  lines = report.elementwise(results)
+  assert lines[1].startswith("Rerun with `python new.py --gpu` (")
+  assert "old.sh" not in "\n".join(lines)
+
+
+def test_tiles_table_has_a_row_per_kernel_and_candidate(report):
+  rows = [dict(case="T = S = 64, H 24", kernel=kernel, tiles=tiles, rate=0.1, ms=ms,
+               max_abs_difference=difference)
+          for kernel, tiles, ms, difference in (("forward", "fwd 16x16", 1.5, 0.0),
+                                                ("forward", "fwd 32x16", 2.25, 0.0078125))]
+  results = dict(meta=META, tiles=dict(config=dict(batch=1, heads=2, dtype="bfloat16"),
+                                       rows=rows))
+  lines = report.tiles(results)
+  assert "B 1, N 2, bfloat16" in lines[0]
+  header, *body = _table(lines)
+  assert header[:3] == ["case", "kernel", "tiles"]
+  assert body == [["T = S = 64, H 24", "forward", "fwd 16x16", "0.1", "1.500", "0"],
+                  ["T = S = 64, H 24", "forward", "fwd 32x16", "0.1", "2.250", "0.00781"]]
 
 
 def test_regenerate_replaces_only_the_marked_blocks(report, tmp_path):
