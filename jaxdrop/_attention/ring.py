@@ -55,6 +55,15 @@ class _Ring(NamedTuple):
     return self.pair.cols
 
 
+def _pair_layout(q_shape, k_shape, devices: int, chunks: int) -> xla.Layout:
+  """The blockwise layout of one query chunk against one key chunk (local shapes)."""
+  rows, cols = q_shape[1] // chunks, k_shape[1] // chunks
+  return xla.Layout(
+      rows, cols, q_shape[2], k_shape[2], xla.BlockSizes.for_shape(rows, cols),
+      mask_cols=k_shape[1] * devices, aligned=cols % mask_lib.WORD == 0,
+  )
+
+
 def _global_chunk(ring: _Ring, device, chunk):
   """The index among all ``P * chunks`` sequence chunks of a device's ``chunk``."""
   if ring.chunks == 1:
@@ -128,27 +137,27 @@ def _merge(out, lse, step_out, step_lse):
 def _ring_steps(ring: _Ring, step, carry, shards, grads=()):
   """Runs ``step(source, shards, grads, carry) -> (carry, grads)`` on the ``P`` shards.
 
-  ``source`` is the device whose shard passes by. The next shard is sent before the current
-  one is used, so that the transfer can overlap the work, and the last one is not sent on.
-  ``grads`` (the backward's dk and dv) travel with their shard one hop behind, as they are
-  added to at its step: the hop after the last step brings them home.
+  ``source`` is the device whose shard passes by. Each step first sends its shard on, so
+  that the transfer overlaps the work; after ``P`` steps every shard is home again (the
+  last hop is not needed, but keeps a single copy of the step in the program). ``grads``
+  (the backward's dk and dv) travel with their shard, one hop behind, since its step adds
+  to them: the last hop brings them home.
+
+  Returns ``carry`` and ``grads`` after the last step.
   """
   perm = [(i, (i + 1) % ring.devices) for i in range(ring.devices)]
   device = jax.lax.axis_index(ring.axis_name)
 
-  def attend(j, shards, grads, carry):
-    carry, grads = step((device - j) % ring.devices, shards, grads, carry)
-    return carry, jax.lax.ppermute(grads, ring.axis_name, perm) if grads else grads
-
   def send_and_attend(j, state):
     shards, grads, carry = state
     incoming = jax.lax.ppermute(shards, ring.axis_name, perm)
-    carry, grads = attend(j, shards, grads, carry)
+    carry, grads = step((device - j) % ring.devices, shards, grads, carry)
+    if grads:
+      grads = jax.lax.ppermute(grads, ring.axis_name, perm)
     return incoming, grads, carry
 
-  shards, grads, carry = jax.lax.fori_loop(
-      0, ring.devices - 1, send_and_attend, (shards, grads, carry))
-  return attend(ring.devices - 1, shards, grads, carry)
+  _, grads, carry = jax.lax.fori_loop(0, ring.devices, send_and_attend, (shards, grads, carry))
+  return carry, grads
 
 
 def _forward(ring: _Ring, q, k, v, bias, mask, key_data, rate):
@@ -223,7 +232,9 @@ def _backward(ring: _Ring, residuals, d_out):
 
     return jax.lax.fori_loop(0, chunks * chunks, pair, (carry, grads))
 
-  d_bias = None if bias is None else jnp.zeros_like(bias, _F32)
+  d_bias = None
+  if bias is not None:  # It varies as q does, whatever bias does (a row-broadcast bias does not).
+    d_bias = jnp.zeros_like(bias, _F32) + jnp.zeros_like(q, _F32, shape=())
   zeros = jnp.zeros_like(k, _F32)
   (dq, d_bias), (dk, dv) = _ring_steps(
       ring, step, (jnp.zeros_like(q, _F32), d_bias), (k, v), (zeros, zeros))
@@ -237,6 +248,16 @@ def _window(ring: _Ring, x: jax.Array | None, t0, col) -> jax.Array | None:
 
 # ----------------------------------------------------------------------------
 # The differentiable function.
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+  """The mesh axes over which ``x`` may differ between devices, under ``check_vma``.
+
+  jax 0.10 moved ``jax.typeof(x).vma`` to ``.manual_axis_type.varying``.
+  """
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -253,7 +274,10 @@ def _ring_attention_fwd(ring, q, k, v, bias, mask, key_data, rate):
 def _ring_attention_bwd(ring, residuals, d_out):
   q, k, v, bias = residuals[:4]
   dq, dk, dv, d_bias = _backward(ring, residuals, d_out)
-  d_bias = None if d_bias is None else d_bias.astype(bias.dtype)
+  if d_bias is not None:
+    # A bias the same on several devices (a row-broadcast one, say) gets the sum of theirs.
+    shared = tuple(axis for axis in _varying_axes(d_bias) if axis not in _varying_axes(bias))
+    d_bias = (jax.lax.psum(d_bias, shared) if shared else d_bias).astype(bias.dtype)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None, None, None
 
 
@@ -409,11 +433,7 @@ def ring_attention(
       dropout_heads=(batch * batch_devices, heads * head_devices),
       fixed_rate=fixed,
   )
-  rows, cols = local_rows // chunks, local_cols // chunks
-  pair = xla.Layout(
-      rows, cols, heads, kv_heads, xla.BlockSizes.for_shape(rows, cols),
-      mask_cols=local_cols * devices, aligned=cols % mask_lib.WORD == 0,
-  )
+  pair = _pair_layout(q.shape, k.shape, devices, chunks)
   ring = _Ring(axis_name, devices, chunks, pair, config, batch_axis, head_axis)
   return _ring_attention(ring, q, k, v, bias, mask, key_data, rate)
 
