@@ -135,19 +135,18 @@ check("contiguous, 125 keys per device", mesh, "contiguous", B=1, T=40, S=1000, 
 B, T, S, N, K, rate = 2, 48, 64, 2, 1, 0.4
 q, k, *_ = inputs(B, T, S, N, K, S, jnp.float32)
 v = jnp.broadcast_to(jnp.eye(S)[None, :, None], (B, S, K, S))
-for layout in ("contiguous", "zigzag"):
-  for causal in (False, True):
-    ring, _ = ring_and_one(mesh, layout, is_causal=causal, dropout_rate=rate,
-                           dropout_key=jax.random.key(11))
-    out = jax.jit(ring)(q, k, v, jnp.zeros((B, N, T, S)), jnp.ones((B, 1, T, S), bool))
-    kept = np.asarray(out != 0).transpose(0, 2, 1, 3)  # [B, N, T, S]
-    want = np.asarray(jaxdrop.attention_keep_mask(jax.random.key(11), (B, N, T, S), rate))
-    if causal:
-      want = want & np.tril(np.ones((T, S), bool))
-    np.testing.assert_array_equal(kept, want, err_msg=f"{layout} causal={causal}")
-    print("mask", layout, causal, "ok")
+for layout, causal in (("contiguous", False), ("zigzag", True)):
+  ring, _ = ring_and_one(mesh, layout, is_causal=causal, dropout_rate=rate,
+                         dropout_key=jax.random.key(11))
+  out = jax.jit(ring)(q, k, v, jnp.zeros((B, N, T, S)), jnp.ones((B, 1, T, S), bool))
+  kept = np.asarray(out != 0).transpose(0, 2, 1, 3)  # [B, N, T, S]
+  want = np.asarray(jaxdrop.attention_keep_mask(jax.random.key(11), (B, N, T, S), rate))
+  if causal:
+    want = want & np.tril(np.ones((T, S), bool))
+  np.testing.assert_array_equal(kept, want, err_msg=f"{layout} causal={causal}")
+  print("mask", layout, causal, "ok")
 """
-  assert run_with_devices(code).count(" ok") == 2 + 4
+  assert run_with_devices(code).count(" ok") == 2 + 2
 
 
 def test_ring_communicates_by_permutes_and_memory_falls_as_one_over_p():
@@ -159,7 +158,7 @@ def test_ring_communicates_by_permutes_and_memory_falls_as_one_over_p():
   code = PRELUDE + """
 B, T, N, H = 1, 65536, 4, 64
 x = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
-for layout in ("contiguous", "zigzag"):
+for layout in ("zigzag",):
   temp = {}
   for seq in (2, 4, 8):
     mesh = make_mesh((seq,), ("seq",))
@@ -183,7 +182,7 @@ for layout in ("contiguous", "zigzag"):
 """
   out = run_with_devices(code)
   print(out)
-  assert out.count(" ok") == 2, out
+  assert out.count(" ok") == 1, out
 
 
 def _tiles_per_device(devices, layout, rows, cols, is_causal=True):

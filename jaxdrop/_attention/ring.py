@@ -92,11 +92,23 @@ def _offsets(ring: _Ring, batch: int, heads: int):
       ring.head_axis, heads)
 
 
+def _if_visible(visible, attend, state):
+  """``attend(state)`` for a chunk pair with weights on or below the diagonal, else ``state``."""
+  if visible is True:
+    return attend(state)
+  return jax.lax.cond(visible, attend, lambda state: state, state)
+
+
 def _slice(x: jax.Array | None, axis: int, start, size: int) -> jax.Array | None:
   """``x[..., start:start + size, ...]`` on ``axis``; an axis of size 1 broadcasts and stays."""
   if x is None or x.shape[axis] == 1:
     return x
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _window(ring: _Ring, x: jax.Array | None, t0, col) -> jax.Array | None:
+  """The rows of a query chunk and the columns of a key chunk of ``bias`` or ``mask``."""
+  return _slice(_slice(x, 2, t0, ring.chunk_rows), 3, col, ring.chunk_cols)
 
 
 def _add_slice(buffer: jax.Array, update: jax.Array, starts: dict[int, object]) -> jax.Array:
@@ -117,7 +129,7 @@ def _row_lse(ring: _Ring, lse: jax.Array) -> jax.Array:
 
 
 def _grouped_lse(ring: _Ring, lse: jax.Array) -> jax.Array:
-  """The inverse of :func:`_row_lse`, padded with ``+inf`` (weight 0) as :func:`xla.backward` takes."""
+  """The inverse of :func:`_row_lse`, padded with ``+inf`` (weight 0), for :func:`xla.backward`."""
   batch, rows, _ = lse.shape
   groups = ring.pair.heads // ring.pair.kv_heads
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse).transpose(0, 2, 1)
@@ -189,7 +201,7 @@ def _forward(ring: _Ring, q, k, v, bias, mask, key_data, rate):
             for whole, part in zip((out, lse), merged)
         )
 
-      return jax.lax.cond(visible, attend, lambda carry: carry, carry)
+      return _if_visible(visible, attend, carry)
 
     return jax.lax.fori_loop(0, chunks * chunks, pair, carry), grads
 
@@ -228,7 +240,7 @@ def _backward(ring: _Ring, residuals, d_out):
           d_bias = _add_slice(d_bias, g_bias, {2: t0, 3: position.col})
         return (dq, d_bias), (_add_slice(dk, g_k, {1: s0}), _add_slice(dv, g_v, {1: s0}))
 
-      return jax.lax.cond(visible, attend, lambda state: state, state)
+      return _if_visible(visible, attend, state)
 
     return jax.lax.fori_loop(0, chunks * chunks, pair, (carry, grads))
 
@@ -239,11 +251,6 @@ def _backward(ring: _Ring, residuals, d_out):
   (dq, d_bias), (dk, dv) = _ring_steps(
       ring, step, (jnp.zeros_like(q, _F32), d_bias), (k, v), (zeros, zeros))
   return dq, dk, dv, d_bias
-
-
-def _window(ring: _Ring, x: jax.Array | None, t0, col) -> jax.Array | None:
-  """The rows of a query chunk and the columns of a key chunk of ``bias`` or ``mask``."""
-  return _slice(_slice(x, 2, t0, ring.chunk_rows), 3, col, ring.chunk_cols)
 
 
 # ----------------------------------------------------------------------------
