@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from jaxdrop import mc as mc
 from jaxdrop._attention.api import dot_product_attention as dot_product_attention
+from jaxdrop._attention.ring import ring_attention as ring_attention
+from jaxdrop._attention.ring import zigzag_permutation as zigzag_permutation
 from jaxdrop._dropout import CHECKPOINT_NAME as CHECKPOINT_NAME
 from jaxdrop._dropout import dropout as dropout
 from jaxdrop._dropout import relu_dropout as relu_dropout
@@ -55,8 +57,10 @@ __all__ = [
     "mc",
     "nnx",
     "relu_dropout",
+    "ring_attention",
     "schedules",
     "spatial_dropout",
+    "zigzag_permutation",
 ]
 
 _LAZY_SUBMODULES = ("checks", "linen", "nnx", "schedules")

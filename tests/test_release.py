@@ -79,10 +79,16 @@ def test_changelog_starts_at_the_first_release_and_states_the_promise():
 
 @pytest.mark.parametrize("module_name", MODULES)
 def test_changelog_names_every_public_name(module_name):
-  _, body = _changelog_sections((ROOT / "CHANGELOG.md").read_text())[FIRST_RELEASE[0]]
-  entry = re.search(rf"^- `{re.escape(module_name)}`:(.*?)(?=^- |^\S|\Z)", body, re.M | re.S)
+  """The first release's entry for the module and those of later sections (an Unreleased one
+  included) name each public name."""
+  text = (ROOT / "CHANGELOG.md").read_text()
+  _, body = _changelog_sections(text)[FIRST_RELEASE[0]]
+  pattern = rf"^- `{re.escape(module_name)}`:(.*?)(?=^- |^\S|\Z)"
+  entry = re.search(pattern, body, re.M | re.S)
   assert entry, f"no '- `{module_name}`:' entry in the {FIRST_RELEASE[0]} section"
-  named = set(re.findall(r"`(\w+)`", entry.group(1)))
+  since = text.split("\n## ", 1)[1]  # Every section, the promise left out.
+  entries = re.findall(pattern, since, re.M | re.S)
+  named = {name for found in entries for name in re.findall(r"`(\w+)`", found)}
   missing = sorted(set(_public(module_name)) - named)
   assert not missing, (module_name, missing)
   if module_name == "jaxdrop":

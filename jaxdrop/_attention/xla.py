@@ -60,7 +60,7 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-class _Layout(NamedTuple):
+class Layout(NamedTuple):
   """Static sizes of one call."""
 
   rows: int  # T
@@ -68,6 +68,11 @@ class _Layout(NamedTuple):
   heads: int  # N
   kv_heads: int  # K
   blocks: BlockSizes
+  # For a call on one shard of a larger attention (ring.py): the S of the whole mask
+  # (None: cols), and whether every column offset (Position.col) is a multiple of
+  # _masks.WORD, which lets the mask tiles start at their own column.
+  mask_cols: int | None = None
+  aligned: bool = True
 
   @property
   def num_q_blocks(self) -> int:
@@ -79,7 +84,21 @@ class _Layout(NamedTuple):
 
   @property
   def groups_per_row(self) -> int:
-    return -(-self.cols // _masks.LANES_8)
+    return -(-(self.mask_cols or self.cols) // _masks.LANES_8)
+
+
+class Position(NamedTuple):
+  """Where a call's arrays start in a larger attention: global offsets, ints or int32 scalars.
+
+  The ring (ring.py) runs a shard of the queries against a shard of the keys; the mask and
+  causality then follow the global ``(b, n, t, s)``. All zeros: the call is the whole
+  attention.
+  """
+
+  row: jax.Array | int = 0  # t of local row 0
+  col: jax.Array | int = 0  # s of local column 0
+  batch: jax.Array | int = 0  # b of local batch element 0
+  head: jax.Array | int = 0  # n of local query head 0
 
 
 # ----------------------------------------------------------------------------
@@ -95,7 +114,9 @@ class _Operands(NamedTuple):
   keys: jax.Array | None  # uint32[Bm, K|1, G|1, 2]
 
 
-def _operands(layout: _Layout, config: base.Config, q, k, v, bias, mask, key_data) -> _Operands:
+def _operands(
+    layout: Layout, config: base.Config, position: Position, q, k, v, bias, mask, key_data
+) -> _Operands:
   rows_p = layout.num_q_blocks * layout.blocks.q
   cols_p = layout.num_k_blocks * layout.blocks.k
   heads, kv_heads = layout.heads, layout.kv_heads
@@ -112,7 +133,10 @@ def _operands(layout: _Layout, config: base.Config, q, k, v, bias, mask, key_dat
 
   keys = None
   if config.dropout:
-    keys = base.grouped(_masks.head_keys(key_data, *config.dropout_heads), heads, kv_heads)
+    keys = _masks.head_keys(key_data, *config.dropout_heads)
+    if config.dropout_heads not in ((1, 1), (q.shape[0], heads)):  # A shard's heads (ring.py).
+      keys = jax.lax.dynamic_slice(keys, (position.batch, position.head, 0), (q.shape[0], heads, 2))
+    keys = base.grouped(keys, heads, kv_heads)
   return _Operands(q, k, v, blockable(bias), blockable(mask), keys)
 
 
@@ -123,7 +147,7 @@ def _slice_rows(x: jax.Array, axis: int, start, size: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _block_logits(layout, config, ops: _Operands, q_block, t0, s0):
+def _block_logits(layout, config, ops: _Operands, position: Position, q_block, t0, s0):
   """f32[B, K, G, bq, bk] scores of one tile, -inf where not allowed."""
   bq, bk = layout.blocks
   k_block = jax.lax.dynamic_slice_in_dim(ops.k, s0, bk, 2)
@@ -137,40 +161,54 @@ def _block_logits(layout, config, ops: _Operands, q_block, t0, s0):
   if ops.mask is not None:
     mask = _slice_rows(_slice_rows(ops.mask, 3, t0, bq), 4, s0, bk)
   allowed = base.allowed_positions(
-      t0 + jnp.arange(bq), s0 + jnp.arange(bk), layout.cols, config.is_causal, mask
+      position.row + t0 + jnp.arange(bq), position.col + s0 + jnp.arange(bk),
+      position.col + layout.cols, config.is_causal, mask,
   )
   return jnp.where(allowed, logits, -jnp.inf)
 
 
-def _block_keep(layout, ops: _Operands, resolved, t0, s0):
+def _block_keep(layout, ops: _Operands, resolved, position: Position, t0, s0):
   bq, bk = layout.blocks
-  return _masks.keep8_block(
-      ops.keys, t0, bq, s0, bk, layout.groups_per_row, resolved.threshold, resolved.keep_any
+  row, col = position.row + t0, position.col + s0
+  if layout.aligned:
+    return _masks.keep8_block(
+        ops.keys, row, bq, col, bk, layout.groups_per_row, resolved.threshold, resolved.keep_any
+    )
+  # Mask tiles start on a word: make the word-aligned tile one word wider, and cut ours out.
+  skew = col % _masks.WORD
+  keep = _masks.keep8_block(
+      ops.keys, row, bq, col - skew, bk + _masks.WORD, layout.groups_per_row,
+      resolved.threshold, resolved.keep_any,
   )
+  return jax.lax.dynamic_slice_in_dim(keep, skew, bk, keep.ndim - 1)
 
 
-def _k_block_range(layout: _Layout, config: base.Config, q_index):
+def k_block_range(layout: Layout, config: base.Config, position: Position, q_index):
   """Key blocks ``[0, stop)`` that a block of queries can see."""
   if not config.is_causal:
     return layout.num_k_blocks
-  last_row = (q_index + 1) * layout.blocks.q - 1
-  return jnp.minimum(layout.num_k_blocks, last_row // layout.blocks.k + 1)
+  last_row = position.row + (q_index + 1) * layout.blocks.q - 1
+  return jnp.clip((last_row - position.col) // layout.blocks.k + 1, 0, layout.num_k_blocks)
 
 
-def _q_block_start(layout: _Layout, config: base.Config, k_index):
-  """The first query block that can see key block ``k_index``."""
+def _q_block_start(layout: Layout, config: base.Config, position: Position, k_index):
+  """The first query block that can see key block ``k_index`` (``num_q_blocks``: none)."""
   if not config.is_causal:
     return 0
-  return (k_index * layout.blocks.k) // layout.blocks.q
+  first_col = position.col + k_index * layout.blocks.k
+  return jnp.clip((first_col - position.row) // layout.blocks.q, 0, layout.num_q_blocks)
 
 
 # ----------------------------------------------------------------------------
 # Forward.
 
 
-def _forward(layout, config, q, k, v, bias, mask, key_data, rate):
-  """Returns ``out [B, T, N, H]`` and the row log-sum-exp ``f32[B, K, G, Tp]``."""
-  ops = _operands(layout, config, q, k, v, bias, mask, key_data)
+def forward(layout, config, q, k, v, bias, mask, key_data, rate, position=Position()):
+  """Returns ``f32 out [B, T, N, H]`` and the row log-sum-exp ``f32[B, K, G, Tp]``.
+
+  A row with no allowed position has ``out`` 0 and log-sum-exp ``+inf``.
+  """
+  ops = _operands(layout, config, position, q, k, v, bias, mask, key_data)
   resolved = config.resolve(rate) if config.dropout else None
   bq, bk = layout.blocks
 
@@ -181,7 +219,7 @@ def _forward(layout, config, q, k, v, bias, mask, key_data, rate):
     def k_step(k_index, carry):
       top, total, acc = carry
       s0 = k_index * bk
-      logits = _block_logits(layout, config, ops, q_tile, t0, s0)
+      logits = _block_logits(layout, config, ops, position, q_tile, t0, s0)
       new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
       safe_top = jnp.where(jnp.isfinite(new_top), new_top, 0)
       weights = jnp.exp(logits - safe_top[..., None])
@@ -189,7 +227,7 @@ def _forward(layout, config, q, k, v, bias, mask, key_data, rate):
       # The softmax is normalized before dropout: the sum counts dropped weights too.
       total = total * rescale + jnp.sum(weights, axis=-1)
       if resolved is not None:
-        weights = jnp.where(_block_keep(layout, ops, resolved, t0, s0), weights, 0)
+        weights = jnp.where(_block_keep(layout, ops, resolved, position, t0, s0), weights, 0)
       v_tile = jax.lax.dynamic_slice_in_dim(ops.v, s0, bk, 2)
       acc = acc * rescale[..., None] + jnp.einsum(
           "bkgqc,bkch->bkgqh", weights.astype(v.dtype), v_tile,
@@ -203,14 +241,15 @@ def _forward(layout, config, q, k, v, bias, mask, key_data, rate):
         base.full_like(q_tile[..., 0], 0, _F32),
         base.full_like(q_tile, 0, _F32),
     )
-    top, total, acc = jax.lax.fori_loop(0, _k_block_range(layout, config, q_index), k_step, init)
+    stop = k_block_range(layout, config, position, q_index)
+    top, total, acc = jax.lax.fori_loop(0, stop, k_step, init)
     empty = total == 0  # not NaN: a NaN bias makes its row NaN
     safe_total = jnp.where(empty, 1, total)
     out = acc / safe_total[..., None]
     if resolved is not None:
       out = out * resolved.scale
     lse = jnp.where(empty, jnp.inf, top + jnp.log(safe_total))
-    return out.astype(q.dtype), lse
+    return out, lse
 
   out, lse = jax.lax.map(q_block, jnp.arange(layout.num_q_blocks))
   # [nq, B, K, G, bq, H] -> [B, T, N, H]
@@ -238,9 +277,10 @@ def _add_block(buffer: jax.Array, update: jax.Array, t0, s0) -> jax.Array:
   return jax.lax.dynamic_update_slice(buffer, current + update, starts)
 
 
-def _backward(layout, config, residuals, d_out):
+def backward(layout, config, residuals, d_out, position=Position()):
+  """Returns f32 ``dq, dk, dv, d_bias`` (None without a bias) in the inputs' shapes."""
   q, k, v, bias, mask, key_data, rate, out, lse = residuals
-  ops = _operands(layout, config, q, k, v, bias, mask, key_data)
+  ops = _operands(layout, config, position, q, k, v, bias, mask, key_data)
   resolved = config.resolve(rate) if config.dropout else None
   bq, bk = layout.blocks
   rows_p = layout.num_q_blocks * bq
@@ -265,7 +305,7 @@ def _backward(layout, config, residuals, d_out):
       t0 = q_index * bq
       q_tile = jax.lax.dynamic_slice_in_dim(ops.q, t0, bq, 3)
       do_tile = jax.lax.dynamic_slice_in_dim(d_out, t0, bq, 3)
-      logits = _block_logits(layout, config, ops, q_tile, t0, s0)
+      logits = _block_logits(layout, config, ops, position, q_tile, t0, s0)
       probs = jnp.exp(logits - jax.lax.dynamic_slice_in_dim(lse, t0, bq, 3)[..., None])
       d_probs = jnp.einsum(
           "bkgqh,bkch->bkgqc", do_tile, v_tile,
@@ -273,7 +313,7 @@ def _backward(layout, config, residuals, d_out):
       )
       used = probs
       if resolved is not None:
-        keep = _block_keep(layout, ops, resolved, t0, s0)
+        keep = _block_keep(layout, ops, resolved, position, t0, s0)
         used = jnp.where(keep, probs * resolved.scale, 0)
         d_probs = jnp.where(keep, d_probs * resolved.scale, 0)
       dv = dv + jnp.einsum(
@@ -299,7 +339,7 @@ def _backward(layout, config, residuals, d_out):
 
     zeros = base.full_like(k_tile, 0, _F32)
     dq, d_bias, dk, dv = jax.lax.fori_loop(
-        _q_block_start(layout, config, k_index), layout.num_q_blocks, q_step,
+        _q_block_start(layout, config, position, k_index), layout.num_q_blocks, q_step,
         (dq, d_bias, zeros, zeros),
     )
     return (dq, d_bias), (dk, dv)
@@ -316,13 +356,7 @@ def _backward(layout, config, residuals, d_out):
 
   if d_bias is not None:
     d_bias = base.reshape(d_bias[:, :, :, : bias.shape[2], : bias.shape[3]], bias.shape)
-    d_bias = d_bias.astype(bias.dtype)
-  return (
-      dq.astype(q.dtype),
-      ungroup_keys(dk).astype(k.dtype),
-      ungroup_keys(dv).astype(v.dtype),
-      d_bias,
-  )
+  return dq, ungroup_keys(dk), ungroup_keys(dv), d_bias
 
 
 # ----------------------------------------------------------------------------
@@ -331,17 +365,20 @@ def _backward(layout, config, residuals, d_out):
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _attention(layout, config, q, k, v, bias, mask, key_data, rate):
-  return _forward(layout, config, q, k, v, bias, mask, key_data, rate)[0]
+  return forward(layout, config, q, k, v, bias, mask, key_data, rate)[0].astype(q.dtype)
 
 
 def _attention_fwd(layout, config, q, k, v, bias, mask, key_data, rate):
-  out, lse = _forward(layout, config, q, k, v, bias, mask, key_data, rate)
+  out, lse = forward(layout, config, q, k, v, bias, mask, key_data, rate)
+  out = out.astype(q.dtype)
   return out, (q, k, v, bias, mask, key_data, rate, out, lse)
 
 
 def _attention_bwd(layout, config, residuals, d_out):
-  dq, dk, dv, d_bias = _backward(layout, config, residuals, d_out)
-  return dq, dk, dv, d_bias, None, None, None
+  q, k, v, bias = residuals[:4]
+  dq, dk, dv, d_bias = backward(layout, config, residuals, d_out)
+  d_bias = None if d_bias is None else d_bias.astype(bias.dtype)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -359,6 +396,6 @@ def attention(q, k, v, bias, mask, key_data, rate, config: base.Config, blocks: 
     blocks = BlockSizes.for_shape(rows, cols)
   if blocks.k % _masks.WORD or blocks.q < 1 or blocks.k < 1:
     raise ValueError(f"blocks.k must be a positive multiple of {_masks.WORD}, got {blocks}")
-  layout = _Layout(rows, cols, heads, kv_heads, BlockSizes(*blocks))
+  layout = Layout(rows, cols, heads, kv_heads, BlockSizes(*blocks))
   return _attention(layout, config, q, k, v, bias, mask, key_data, rate)
 
