@@ -104,9 +104,12 @@ def test_interleaved_orders_floor_and_dropout_as_timing_alone_does(common):
   fns = {name: jax.jit(fn) for name, fn in common.elementwise_variants(0.1, fast=False).items()}
   dropout = "jaxdrop.dropout"
 
-  among_all = common.interleaved(fns, args, repeats=5, min_sample_s=0.02)
-  among_all = {name: common.median_ms(s) for name, s in among_all.items()}
-  alone = {name: common.median_ms(common.alone(fns[name], args, repeats=7))
+  # The fastest sample of each: another test process on the same cores only ever adds time,
+  # in bursts that can land on any sample, while a harness that biases one row (the floor
+  # once timed slower than dropout in turns, issue 26) biases all of its samples.
+  among_all = common.interleaved(fns, args, repeats=7, min_sample_s=0.02)
+  among_all = {name: min(s) * 1e3 for name, s in among_all.items()}
+  alone = {name: min(common.alone(fns[name], args, repeats=7)) * 1e3
            for name in (common.FLOOR, dropout)}
   for timings in (among_all, alone):
     assert timings[common.FLOOR] < timings[dropout], (among_all, alone)
