@@ -92,11 +92,21 @@ def _offsets(ring: _Ring, batch: int, heads: int):
       ring.head_axis, heads)
 
 
-def _if_visible(visible, attend, state):
-  """``attend(state)`` for a chunk pair with weights on or below the diagonal, else ``state``."""
-  if visible is True:
-    return attend(state)
-  return jax.lax.cond(visible, attend, lambda state: state, state)
+def _each_visible_pair(ring: _Ring, device, source, batch, head, attend, state):
+  """``state`` through ``attend(position, t0, s0, state)`` for each pair of a query chunk here
+  and a key chunk of the ``source`` device's shard that has weights on or below the diagonal;
+  ``t0`` and ``s0`` are the chunks' starts in the local shards."""
+
+  def pair(index, state):
+    q_chunk, k_chunk = index // ring.chunks, index % ring.chunks
+    position, visible = _position(ring, device, source, q_chunk, k_chunk, batch, head)
+    run = lambda state: attend(position, q_chunk * ring.chunk_rows, k_chunk * ring.chunk_cols,
+                               state)
+    if visible is True:
+      return run(state)
+    return jax.lax.cond(visible, run, lambda state: state, state)
+
+  return jax.lax.fori_loop(0, ring.chunks * ring.chunks, pair, state)
 
 
 def _slice(x: jax.Array | None, axis: int, start, size: int) -> jax.Array | None:
@@ -174,36 +184,29 @@ def _ring_steps(ring: _Ring, step, carry, shards, grads=()):
 
 def _forward(ring: _Ring, q, k, v, bias, mask, key_data, rate):
   """Returns ``f32 out [B, T/P, N, H]`` and the row log-sum-exp ``f32[B, T/P, N]``."""
-  chunks, rows, cols = ring.chunks, ring.chunk_rows, ring.chunk_cols
+  rows, cols = ring.chunk_rows, ring.chunk_cols
   device, batch, head = _offsets(ring, q.shape[0], q.shape[2])
 
   def step(source, shards, grads, carry):
     k, v = shards
 
-    def pair(index, carry):
-      q_chunk, k_chunk = index // chunks, index % chunks
-      position, visible = _position(ring, device, source, q_chunk, k_chunk, batch, head)
-      t0, s0 = q_chunk * rows, k_chunk * cols
+    def attend(position, t0, s0, carry):
+      out, lse = carry
+      pair_out, pair_lse = xla.forward(
+          ring.pair, ring.config,
+          _slice(q, 1, t0, rows), _slice(k, 1, s0, cols), _slice(v, 1, s0, cols),
+          _window(ring, bias, t0, position.col), _window(ring, mask, t0, position.col),
+          key_data, rate, position,
+      )
+      merged = _merge(
+          _slice(out, 1, t0, rows), _slice(lse, 1, t0, rows), pair_out, _row_lse(ring, pair_lse)
+      )
+      return tuple(
+          jax.lax.dynamic_update_slice_in_dim(whole, part, t0, 1)
+          for whole, part in zip((out, lse), merged)
+      )
 
-      def attend(carry):
-        out, lse = carry
-        pair_out, pair_lse = xla.forward(
-            ring.pair, ring.config,
-            _slice(q, 1, t0, rows), _slice(k, 1, s0, cols), _slice(v, 1, s0, cols),
-            _window(ring, bias, t0, position.col), _window(ring, mask, t0, position.col),
-            key_data, rate, position,
-        )
-        merged = _merge(
-            _slice(out, 1, t0, rows), _slice(lse, 1, t0, rows), pair_out, _row_lse(ring, pair_lse)
-        )
-        return tuple(
-            jax.lax.dynamic_update_slice_in_dim(whole, part, t0, 1)
-            for whole, part in zip((out, lse), merged)
-        )
-
-      return _if_visible(visible, attend, carry)
-
-    return jax.lax.fori_loop(0, chunks * chunks, pair, carry), grads
+    return _each_visible_pair(ring, device, source, batch, head, attend, carry), grads
 
   # Made "like" q, the carries vary over the mesh axes as q does (shard_map's check_vma).
   init = (jnp.zeros_like(q, _F32), jnp.full_like(q[..., 0], -jnp.inf, _F32))
@@ -213,36 +216,29 @@ def _forward(ring: _Ring, q, k, v, bias, mask, key_data, rate):
 def _backward(ring: _Ring, residuals, d_out):
   """Returns f32 ``dq, dk, dv, d_bias`` (None without a bias) in the inputs' shapes."""
   q, k, v, bias, mask, key_data, rate, out, lse = residuals
-  chunks, rows, cols = ring.chunks, ring.chunk_rows, ring.chunk_cols
+  rows, cols = ring.chunk_rows, ring.chunk_cols
   device, batch, head = _offsets(ring, q.shape[0], q.shape[2])
 
   def step(source, shards, grads, carry):
     k, v = shards
 
-    def pair(index, state):
-      q_chunk, k_chunk = index // chunks, index % chunks
-      position, visible = _position(ring, device, source, q_chunk, k_chunk, batch, head)
-      t0, s0 = q_chunk * rows, k_chunk * cols
+    def attend(position, t0, s0, state):
+      (dq, d_bias), (dk, dv) = state
+      residuals = (
+          _slice(q, 1, t0, rows), _slice(k, 1, s0, cols), _slice(v, 1, s0, cols),
+          _window(ring, bias, t0, position.col), _window(ring, mask, t0, position.col),
+          key_data, rate,
+          _slice(out, 1, t0, rows), _grouped_lse(ring, _slice(lse, 1, t0, rows)),
+      )
+      g_q, g_k, g_v, g_bias = xla.backward(
+          ring.pair, ring.config, residuals, _slice(d_out, 1, t0, rows), position
+      )
+      dq = _add_slice(dq, g_q, {1: t0})
+      if d_bias is not None:
+        d_bias = _add_slice(d_bias, g_bias, {2: t0, 3: position.col})
+      return (dq, d_bias), (_add_slice(dk, g_k, {1: s0}), _add_slice(dv, g_v, {1: s0}))
 
-      def attend(state):
-        (dq, d_bias), (dk, dv) = state
-        residuals = (
-            _slice(q, 1, t0, rows), _slice(k, 1, s0, cols), _slice(v, 1, s0, cols),
-            _window(ring, bias, t0, position.col), _window(ring, mask, t0, position.col),
-            key_data, rate,
-            _slice(out, 1, t0, rows), _grouped_lse(ring, _slice(lse, 1, t0, rows)),
-        )
-        g_q, g_k, g_v, g_bias = xla.backward(
-            ring.pair, ring.config, residuals, _slice(d_out, 1, t0, rows), position
-        )
-        dq = _add_slice(dq, g_q, {1: t0})
-        if d_bias is not None:
-          d_bias = _add_slice(d_bias, g_bias, {2: t0, 3: position.col})
-        return (dq, d_bias), (_add_slice(dk, g_k, {1: s0}), _add_slice(dv, g_v, {1: s0}))
-
-      return _if_visible(visible, attend, state)
-
-    return jax.lax.fori_loop(0, chunks * chunks, pair, (carry, grads))
+    return _each_visible_pair(ring, device, source, batch, head, attend, (carry, grads))
 
   d_bias = None
   if bias is not None:  # It varies as q does, whatever bias does (a row-broadcast bias does not).
