@@ -8,6 +8,7 @@ so a wrong library formula cannot agree with them by construction.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import math
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -218,3 +220,19 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if item.path.name in SCRIPT_TESTS:
       item.add_marker(pytest.mark.scripts)
+
+
+@pytest.fixture(scope="session")
+def import_benchmark():
+  """``import_benchmark(name)``: the script ``benchmarks/<name>.py``, imported as a module
+  (benchmarks/ is a folder of scripts, not a package)."""
+  folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+
+  def load(name: str):
+    sys.path.insert(0, folder)
+    try:
+      return importlib.import_module(name)
+    finally:
+      sys.path.remove(folder)
+
+  return load

@@ -28,22 +28,14 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 HUNG_S = 600
 
 
-def _import(name: str):
-  sys.path.insert(0, str(BENCHMARKS))
-  try:
-    return __import__(name)  # benchmarks/ is a folder of scripts, not a package
-  finally:
-    sys.path.remove(str(BENCHMARKS))
+@pytest.fixture
+def bench(import_benchmark):
+  return import_benchmark("bench")
 
 
 @pytest.fixture
-def bench():
-  return _import("bench")
-
-
-@pytest.fixture
-def common():
-  return _import("common")
+def common(import_benchmark):
+  return import_benchmark("common")
 
 
 def test_smoke_run_records_every_gpu_row(common, tmp_path):
@@ -134,10 +126,10 @@ def test_attention_quick_run_records_both_tables(tmp_path):
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="a GPU compiles the GPU rows")
-def test_attention_run_records_a_failing_row_and_times_the_rest(common, monkeypatch, tmp_path):
+def test_attention_run_records_a_failing_row_and_times_the_rest(common, monkeypatch, tmp_path, import_benchmark):
   # On CPU a GPU run's own rows (cuDNN, "pallas") cannot compile: each failure is
   # recorded, and the rows that compile are still timed and written.
-  bench_attention = _import("bench_attention")
+  bench_attention = import_benchmark("bench_attention")
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   out = tmp_path / "attention.json"
   bench_attention.main(["--quick", "--no-block", "--length", "32", "--causal", "--json", str(out)])
@@ -152,7 +144,7 @@ def test_attention_run_records_a_failing_row_and_times_the_rest(common, monkeypa
   assert results["config"]["causal"] and "block" not in results
 
 
-def test_tune_smoke_run_profiles_each_kernel_and_times_each_tile(tmp_path):
+def test_tune_smoke_run_profiles_each_kernel_and_times_each_tile(tmp_path, import_benchmark):
   out = tmp_path / "tune.json"
   done = subprocess.run(
       [sys.executable, str(BENCHMARKS / "tune_attention.py"), "--smoke", "--tiles", "--json",
@@ -172,13 +164,13 @@ def test_tune_smoke_run_profiles_each_kernel_and_times_each_tile(tmp_path):
   assert {r["rate"] for r in rows} == {0.1}
   # The interpreter ignores warps and stages: every candidate computes the default's outputs.
   assert all(r["max_abs_difference"] == 0 for r in rows)
-  report = _import("report").everything(results)
+  report = import_benchmark("report").everything(results)
   assert "| T = S = 64, H 24 | dk/dv | dkv 16x16 dq 16x16 warps None stages 2 | 0.1 |" in report
 
 
 @pytest.mark.parametrize("default_fails", [False, True])
-def test_tune_records_a_failing_candidate_and_times_the_rest(monkeypatch, default_fails):
-  tune = _import("tune_attention")
+def test_tune_records_a_failing_candidate_and_times_the_rest(monkeypatch, default_fails, import_benchmark):
+  tune = import_benchmark("tune_attention")
   good = tune.SMOKE.blocks
   bad = good._replace(q=24, q_dkv=24)  # not powers of two: the kernels refuse them
   order = [bad, good] if default_fails else [good, bad]
@@ -195,8 +187,8 @@ def test_tune_records_a_failing_candidate_and_times_the_rest(monkeypatch, defaul
   assert {r["max_abs_difference"] for r in rows} == ({None} if default_fails else {0.0})
 
 
-def test_tune_refuses_to_run_the_kernels_off_a_gpu_without_smoke():
-  tune = _import("tune_attention")
+def test_tune_refuses_to_run_the_kernels_off_a_gpu_without_smoke(import_benchmark):
+  tune = import_benchmark("tune_attention")
   with pytest.raises(SystemExit, match="compile for NVIDIA GPUs; on cpu use --smoke"):
     tune.main([])
 
@@ -207,7 +199,7 @@ def _fake(folder: Path, name: str, body: str) -> None:
   path.chmod(0o755)
 
 
-def test_gpu_runner_runs_every_step_past_a_failure(tmp_path, bench):
+def test_gpu_runner_runs_every_step_past_a_failure(tmp_path, bench, import_benchmark):
   # The runner's steps, with a stand-in python (each call's arguments logged; the
   # pytest step fails) and nvidia-smi: every step runs, in order, and the failure
   # is named in the output and the exit status. The scripts' own parsers read the
@@ -230,8 +222,8 @@ def test_gpu_runner_runs_every_step_past_a_failure(tmp_path, bench):
   assert scripts == ["bench.py", "bench_attention.py", "tune_attention.py",
                      "bench_attention.py"]
   parsers = {"bench.py": bench.parse_args,
-             "bench_attention.py": _import("bench_attention").parse_args,
-             "tune_attention.py": _import("tune_attention").parse_args}
+             "bench_attention.py": import_benchmark("bench_attention").parse_args,
+             "tune_attention.py": import_benchmark("tune_attention").parse_args}
   for line in lines[1:]:
     parsers[Path(line[0]).name](line[1:])
     assert line[-2] == "--json" and Path(line[-1]).parent == out

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,16 +9,9 @@ import pytest
 
 pytestmark = pytest.mark.scripts  # A benchmark script: not run in the lowest environment.
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
 @pytest.fixture(scope="module")
-def flax_models():
-  sys.path.insert(0, str(BENCHMARKS))
-  try:
-    return __import__("flax_models")  # benchmarks/ is a folder of scripts, not a package
-  finally:
-    sys.path.remove(str(BENCHMARKS))
+def flax_models(import_benchmark):
+  return import_benchmark("flax_models")
 
 
 def test_quick_run_records_every_variant_with_its_measurements(flax_models, capsys):

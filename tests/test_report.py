@@ -20,12 +20,8 @@ BENCHMARKS = ROOT / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def report():
-  sys.path.insert(0, str(BENCHMARKS))
-  try:
-    return __import__("report")  # benchmarks/ is a folder of scripts, not a package
-  finally:
-    sys.path.remove(str(BENCHMARKS))
+def report(import_benchmark):
+  return import_benchmark("report")
 
 
 META = dict(date="2026-12-01T10:00:00+00:00", command="python benchmarks/bench.py --quick",

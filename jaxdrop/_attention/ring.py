@@ -405,7 +405,7 @@ def ring_attention(
   chunks = _check_layout(layout)
   _check_implementation(implementation)
   batch, local_rows, heads, head_dim = q.shape
-  local_cols, kv_heads = k.shape[1], k.shape[2]
+  local_cols = k.shape[1]
   if local_rows % chunks or local_cols % chunks:
     raise ValueError(
         f"layout='zigzag' holds two equal chunks per device, so each device's query and key "
