@@ -103,7 +103,9 @@ _DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 def _dropout_outputs(impl: str, bits: int) -> list[jax.Array]:
   """dropout and relu_dropout outputs: the masks with their exact scales, per dtype."""
   outputs = []
-  x = jax.random.normal(jax.random.key(123), (16, 48))
+  # numpy's legacy generator, whose stream NumPy freezes (NEP 19): jax.random.normal's
+  # values changed between jax 0.8 and 0.10, and the input must not move the hash.
+  x = jnp.asarray(np.random.RandomState(123).standard_normal((16, 48)).astype(np.float32))
   for key in _keys(impl):
     for dtype in _DTYPES:
       for rate in (0.1, 0.75):
@@ -134,7 +136,10 @@ CASES = {
     "dropout-16-threefry": partial(_dropout_outputs, _THREEFRY, 16),
 }
 
-# Computed before the mask code moved to jaxdrop/_masks.py. Never edit one: see the docstring.
+# Computed before the mask code moved to jaxdrop/_masks.py (8a7d5d8). Never edit one: see the
+# docstring. The three dropout-* hashes were recomputed once, when their input stopped being
+# jax.random.normal (whose values jax 0.8 and 0.10 differ in); the new ones are the same at
+# 8a7d5d8 and today, on jax 0.8.1 and 0.10.2, and the masks under them never changed.
 EXPECTED = {
     # A static rate, a traced one and a legacy key give the same masks.
     "attention-8-legacy":
@@ -146,11 +151,11 @@ EXPECTED = {
     "attention-8-xla-implementation":
         "694a1efde0e91498bca310dd299fd6f441e2f3c3281d2a98867c134f31dabfbb",
     "dropout-16-threefry":
-        "39ba024cf97426a605d7d3d7cd7b73b48540b0231b09e57b61fee0812df4e602",
+        "bfc590c49cd3216dcf0e8163cacb8da9f44f531148c27055821af076bc92c78d",
     "dropout-32-rbg":
-        "d0a0ca2af7cae8ffa3120b9a8ad292e2a9dc3b8d41c89a7cacaf423523195034",
+        "405216b34e66bea8453fdbaf7f1ef278c59f0fd0ffce05eefe74bdc611bf3394",
     "dropout-32-threefry":
-        "a8c9370ce75f35e4d2fc029c429bf8f697186797a6c6ef6b77ea2a8017907d87",
+        "4261ba3969650ef8e02f5b9efc98e32251bcc1accd370db57f0da0dcdac8bccb",
     "keep_mask-16-legacy":
         "b24c79a90c5e4988a52ba24b9c3fda39bcb46f2e0a645f7c268dba90b13fab89",
     "keep_mask-16-threefry":
