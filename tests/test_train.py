@@ -439,20 +439,22 @@ def python_train(flags, cwd=ROOT, before=""):
 
 
 @pytest.mark.parametrize("checked_first", [True, False], ids=["checked-first", "save-fails"])
-def test_unwritable_checkpoints_end_the_run_within_seconds(checked_first, tmp_path):
+def test_unwritable_checkpoints_end_the_run_instead_of_hanging(checked_first, tmp_path):
   # checkpoints/<run> cannot be made: a file stands where checkpoints/ should be. Either
   # the check at the start says so, or (with the check off) the first save fails: both
-  # end the process (an asynchronous Orbax save used to leave it waiting forever).
+  # end the process (an asynchronous Orbax save used to leave it waiting forever). The
+  # run takes about 11 s alone on 2 cores; the timeout only has to tell that from forever,
+  # on cores that other test processes share.
   _file(f"{tmp_path}/checkpoints")
   skip_check = "" if checked_first else "train.Checkpointer._check_writable = lambda self: None"
-  started = time.monotonic()
   process = python_train([*SMALL, "--workdir", str(tmp_path)], before=skip_check)
   try:
-    _, err = process.communicate(timeout=30)
-  finally:
+    _, err = process.communicate(timeout=180)
+  except subprocess.TimeoutExpired:
     process.kill()
+    process.communicate()  # Closes the pipes.
+    raise
   assert process.returncode == 1, err
-  assert time.monotonic() - started < 30
   path = f"{tmp_path}/checkpoints/rate0-seed0"
   expected = (f"error: cannot write checkpoints to {path} (" if checked_first
               else f"error: saving step 20 to {path}/20 failed (")
