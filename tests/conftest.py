@@ -1,8 +1,6 @@
-"""Shared test setup: warnings are errors (pyproject), plus the helpers here.
+"""Shared test setup: warnings are errors (pyproject), the fixtures and helpers here.
 
-The oracles below are the tests' own, written from the documented semantics;
-they never call the library's arithmetic (``quantize_rate``, ``resolve_rate``),
-so a wrong library formula cannot agree with them by construction.
+The oracles the tests compare with live in ``oracles.py``.
 """
 
 from __future__ import annotations
@@ -10,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import math
 import os
 import subprocess
 import sys
@@ -27,43 +24,6 @@ import pytest
 from flax import nnx
 
 import jaxdrop
-
-# Statistical tests allow this many standard deviations: a correct
-# implementation fails one given check about once in 16,000 runs, and the keys
-# are fixed, so a pass is reproducible.
-K_SIGMA = 4.0
-
-
-# ----------------------------------------------------------------------------
-# Oracles.
-
-
-def threshold(rate: float, bits: int = 32) -> int:
-  """The documented integer threshold ``min(round(rate * 2**bits), 2**bits - 1)``."""
-  return min(round(rate * 2**bits), 2**bits - 1)
-
-
-def p_keep(rate: float, bits: int = 32) -> float:
-  """The documented exact keep probability ``(2**bits - t) / 2**bits``."""
-  return (2**bits - threshold(rate, bits)) / 2**bits
-
-
-def reference_keep16(key, shape, rate):
-  """The documented fast-mode mapping: 16-bit lanes of jax.random.bits(..., uint64)."""
-  n = math.prod(shape)
-  with jax.enable_x64(True):
-    words = np.asarray(jax.random.bits(key, (-(-n // 4),), jnp.uint64))
-  index = np.arange(n)
-  shift = (48 - 16 * (index % 4)).astype(np.uint64)
-  lanes = (words[index // 4] >> shift) & np.uint64(0xFFFF)
-  return (lanes >= threshold(rate, 16)).reshape(shape)
-
-
-def assert_binomial_fraction(kept: int, n: int, p: float, k: float = K_SIGMA):
-  """|kept/n - p| <= k·sqrt(p(1-p)/n): a binomial count's k-sigma bound."""
-  sigma = np.sqrt(p * (1 - p) / n)
-  assert abs(kept / n - p) <= k * sigma, (kept, n, p, k * sigma)
-
 
 # ----------------------------------------------------------------------------
 # Fixtures.

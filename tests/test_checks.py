@@ -9,7 +9,7 @@ import pytest
 
 import jaxdrop
 from jaxdrop import checks
-from conftest import p_keep
+from oracles import p_keep
 
 X = jnp.arange(1.0, 2001.0)
 KEY = jax.random.key(0)

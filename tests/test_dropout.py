@@ -17,7 +17,8 @@ from scipy import stats
 import jaxdrop
 from jaxdrop import _masks
 from jaxdrop import _threefry
-from conftest import K_SIGMA, assert_binomial_fraction, maybe_jit, p_keep, threshold
+from conftest import maybe_jit
+from oracles import K_SIGMA, assert_binomial_fraction, equations, p_keep, threshold
 
 pytestmark = pytest.mark.usefixtures("strict_promotion")
 TWO_32 = 2**32
@@ -598,23 +599,12 @@ def test_backward_keeps_only_the_key():
   assert traced - none <= 1024, (none, traced)
 
 
-def _equations(jaxpr):
-  """Every equation of ``jaxpr`` and of its sub-jaxprs, depth first."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else [param]:
-        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
-        if hasattr(sub, "eqns"):
-          yield from _equations(sub)
-
-
 def _barriers(jaxpr):
   """Each barrier in ``jaxpr``: an optimization_barrier's operands as (shape,
   dtype) pairs, or "remat" for a checkpoint whose lowering puts a barrier on
   all its inputs (``prevent_cse=True``)."""
   found = []
-  for eqn in _equations(jaxpr):
+  for eqn in equations(jaxpr):
     if eqn.primitive.name == "optimization_barrier":
       found.append([(v.aval.shape, v.aval.dtype) for v in eqn.invars])
     if eqn.params.get("prevent_cse"):
@@ -654,7 +644,7 @@ def test_hash_counters_are_one_flat_iota_in_both_passes():
   key = jax.random.key(0)
   loss = lambda x: jnp.sum(jnp.tanh(jaxdrop.dropout(key, x * 2, 0.5)))  # noqa: E731
   jaxpr = jax.make_jaxpr(jax.grad(loss))(jnp.ones((8, 4, 16)))
-  iotas = [e.outvars[0].aval.shape for e in _equations(jaxpr.jaxpr) if e.primitive.name == "iota"]
+  iotas = [e.outvars[0].aval.shape for e in equations(jaxpr.jaxpr) if e.primitive.name == "iota"]
   assert iotas == [(512,), (512,)]  # the forward's hash and the backward's
 
 

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 import jaxdrop
-from conftest import assert_binomial_fraction, p_keep
-from conftest import reference_keep16 as reference_keep
+from oracles import assert_binomial_fraction, p_keep
+from oracles import reference_keep16 as reference_keep
 
 # Sharding and export of the fast mode: rows of test_sharding.py and
 # test_export.py; the modules: the Dropout_bits16 row of conftest.MODULES.

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import reference_keep16, threshold
+from oracles import reference_keep16, threshold
 
 import jaxdrop
 

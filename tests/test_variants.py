@@ -13,7 +13,7 @@ import pytest
 
 import jaxdrop
 from jaxdrop import _variants
-from conftest import K_SIGMA, assert_binomial_fraction, p_keep
+from oracles import K_SIGMA, assert_binomial_fraction, p_keep
 
 pytestmark = pytest.mark.usefixtures("strict_promotion")
 KEY = jax.random.key(0)
