@@ -7,28 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import run_with_devices
+from oracles import attention_keep_mask, equations
 
 import jaxdrop
 from jaxdrop._attention import base
 from jaxdrop._attention import xla
 
 KEY = jax.random.key(7)
-
-
-def attention_mask_oracle(key, shape, rate):
-  """The README's definition, computed with jax.random itself (independent of jaxdrop)."""
-  batch, heads, rows, cols = shape
-  threshold = min(round(rate * 256), 255)
-  position = np.arange(cols)
-  keep = np.zeros(shape, bool)
-  with jax.enable_x64(True):
-    for b in range(batch):
-      for n in range(heads):
-        words = jax.random.bits(jax.random.fold_in(key, b * heads + n), (rows, -(-cols // 8)), jnp.uint64)
-        shift = (56 - 8 * (position % 8)).astype(np.uint64)
-        byte = (np.asarray(words)[:, position // 8] >> shift) & np.uint64(0xFF)
-        keep[b, n] = byte >= threshold
-  return keep
 
 
 def inputs(batch=2, rows=13, cols=40, heads=4, kv_heads=2, head_dim=8, dtype=jnp.float32, seed=0):
@@ -147,7 +132,7 @@ def test_xla_matches_reference_bfloat16(name):
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.999])
 def test_mask_is_the_documented_jax_random_expression(shape, rate):
   np.testing.assert_array_equal(
-      jaxdrop.attention_keep_mask(KEY, shape, rate), attention_mask_oracle(KEY, shape, rate)
+      jaxdrop.attention_keep_mask(KEY, shape, rate), attention_keep_mask(KEY, shape, rate)
   )
 
 
@@ -230,6 +215,58 @@ def test_without_dropout_equals_jax_nn(implementation):
       dropout_rate=0.5, deterministic=True,
   )
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_jax_nn_by_name_is_jax_nn_and_refuses_what_it_cannot_do():
+  q, k, v, bias, mask, _ = case_arrays("full_mask_and_bias")
+  expected = jax.nn.dot_product_attention(q, k, v, bias, mask, is_causal=True)
+  out = jaxdrop.dot_product_attention(q, k, v, bias, mask, is_causal=True, implementation="jax.nn")
+  np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="'jax.nn' has no dropout"):
+    jaxdrop.dot_product_attention(q, k, v, implementation="jax.nn", dropout_rate=0.1,
+                                  dropout_key=KEY)
+  with pytest.raises(ValueError, match="'jax.nn' takes no precision"):
+    jaxdrop.dot_product_attention(q, k, v, implementation="jax.nn",
+                                  precision=jax.lax.Precision.HIGHEST)
+
+
+def test_an_unknown_implementation_names_every_registered_one():
+  q, k, v = inputs()
+  with pytest.raises(ValueError, match="'reference', 'xla', 'pallas', 'jax.nn', got "
+                                       "implementation='cudnn'"):
+    jaxdrop.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+def test_broadcast_dropout_drops_one_mask_for_every_batch_element_and_head(implementation):
+  batch, rows, heads, cols = 2, 5, 3, 40
+  q, k, _ = inputs(batch=batch, rows=rows, cols=cols, heads=heads, kv_heads=heads, head_dim=cols)
+  # v = identity: out[b, t, n, s] is weight (t, s) of head (b, n), positive unless dropped.
+  v = jnp.broadcast_to(jnp.eye(cols)[None, :, None, :], (batch, cols, heads, cols))
+  out = jaxdrop.dot_product_attention(q, k, v, dropout_rate=0.5, dropout_key=KEY,
+                                      broadcast_dropout=True, implementation=implementation)
+  keep = attention_keep_mask(KEY, (1, 1, rows, cols), 0.5)[0, 0]
+  for b in range(batch):
+    for n in range(heads):
+      np.testing.assert_array_equal(np.asarray(out[b, :, n]) != 0, keep)
+  with pytest.raises(TypeError, match="broadcast_dropout must be a bool, got broadcast_dropout=1"):
+    jaxdrop.dot_product_attention(q, k, v, broadcast_dropout=1)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+def test_precision_reaches_every_matrix_product(implementation):
+  q, k, v = inputs()
+  highest = jax.lax.Precision.HIGHEST
+
+  def attention(q, k, v):
+    return jaxdrop.dot_product_attention(q, k, v, dropout_rate=0.1, dropout_key=KEY,
+                                         implementation=implementation, precision=highest)
+
+  jaxpr = jax.make_jaxpr(jax.grad(lambda *qkv: attention(*qkv).sum(), (0, 1, 2)))(q, k, v)
+  products = [e.params["precision"] for e in equations(jaxpr.jaxpr)
+              if e.primitive.name == "dot_general"]
+  assert len(products) >= 4, products  # two forward, at least two backward
+  assert all(p == (highest, highest) for p in products), products
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.3])

@@ -10,6 +10,7 @@ module-scoped fixture.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 
@@ -388,17 +389,26 @@ def test_attention_raises_for_unsupported_and_bad_options():
 # Choosing the kernels: implementation=None, and the launch options' defaults.
 
 
-def _record_runs(monkeypatch) -> list[str]:
-  """Replaces the attention's jitted runner: what it is asked to run, without running it."""
+def _replace_runs(monkeypatch, run_for) -> None:
+  """Replaces each implementation's ``run`` in the registry by ``run_for(name)``."""
   from jaxdrop._attention import api
 
+  for name, implementation in list(api.IMPLEMENTATIONS.items()):
+    monkeypatch.setitem(
+        api.IMPLEMENTATIONS, name, dataclasses.replace(implementation, run=run_for(name)))
+
+
+def _record_runs(monkeypatch) -> list[str]:
+  """What each call asks the registry to run, without running it (the runs return q)."""
   chosen = []
 
-  def run(q, *args, implementation, config):
-    chosen.append(implementation)
-    return q
+  def run_for(name):
+    def run(q, *args):
+      chosen.append(name)
+      return q
+    return run
 
-  monkeypatch.setattr(api, "_run", run)
+  _replace_runs(monkeypatch, run_for)
   return chosen
 
 
@@ -490,34 +500,31 @@ JAX_TRITON_DEPRECATION = (
 )
 
 
-def _warn_when_lowering(monkeypatch) -> list[str]:
-  """Makes the attention's runner warn as jax >= 0.11 does when it lowers Triton kernels."""
-  from jaxdrop._attention import api
+def _warn_when_lowering(monkeypatch, message: str) -> None:
+  """Makes every implementation warn ``message`` as jax >= 0.11 does when it lowers Triton
+  kernels (while it is traced, which jit caches: a call that hits the cache does not warn)."""
 
-  messages = [JAX_TRITON_DEPRECATION]
-
-  def run(q, *args, implementation, config):
-    for message in messages:
+  def run_for(name):
+    def run(q, *args):
       warnings.warn(message, DeprecationWarning, stacklevel=2)
-    return q
+      return q
+    return run
 
-  monkeypatch.setattr(api, "_run", run)
-  return messages
+  _replace_runs(monkeypatch, run_for)
 
 
 def test_triton_deprecation_is_ignored_only_while_jaxdrop_lowers_its_kernels(
     on_gpu, monkeypatch):
   on_gpu("cuda 12080")
-  messages = _warn_when_lowering(monkeypatch)
+  _warn_when_lowering(monkeypatch, JAX_TRITON_DEPRECATION)
   q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
   kwargs = dict(dropout_rate=0.1, dropout_key=jax.random.key(0))
   filters = list(warnings.filters)
   jaxdrop.dot_product_attention(q, q, q, **kwargs)  # "pallas": no warning
-  jaxdrop.dot_product_attention(q, q, q, implementation="pallas", **kwargs)
   assert warnings.filters == filters
   with pytest.raises(DeprecationWarning, match="Pallas Triton backend is deprecated"):
     jaxdrop.dot_product_attention(q, q, q, implementation="xla", **kwargs)
-  messages[:] = ["another deprecation"]
+  _warn_when_lowering(monkeypatch, "another deprecation")
   with pytest.raises(DeprecationWarning, match="another deprecation"):
     jaxdrop.dot_product_attention(q, q, q, implementation="pallas", **kwargs)
 

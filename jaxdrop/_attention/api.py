@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import math
 import numbers
 from functools import partial
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +19,6 @@ from jaxdrop import _masks
 from jaxdrop import _validate
 from jaxdrop._attention import base
 from jaxdrop._attention import xla
-
-IMPLEMENTATIONS = ("reference", "xla", "pallas")
-
 
 def _check_qkv(query, key, value) -> tuple[jax.Array, jax.Array, jax.Array]:
   arrays = {
@@ -94,6 +92,112 @@ def _check_scale(scale, head_dim: int) -> float:
   return float(scale)
 
 
+_TRITON = "jax.experimental.pallas.triton"
+
+
+def _pallas():
+  """The Pallas Triton kernels, or None where this jax no longer ships its Triton backend.
+
+  Imported on first use: Pallas is a heavy import that only GPUs need.
+  """
+  try:
+    importlib.import_module(_TRITON)
+  except ImportError:
+    return None
+  from jaxdrop._attention import pallas_triton
+
+  return pallas_triton
+
+
+def _jax_nn(q, k, v, bias, mask, key_data, rate, config: base.Config) -> jax.Array:
+  """``jax.nn.dot_product_attention``, with rows that may attend nothing set to 0.
+
+  A bias of -inf excludes a position as the mask does (the other paths' softmax
+  gives it weight 0), so it joins the mask: jax.nn would turn a row of them
+  into NaN. A NaN bias stays and makes its row NaN, as on the other paths.
+  """
+  del key_data, rate  # No dropout here (_jax_nn_unsupported).
+  if bias is not None:
+    excluded = bias == -jnp.inf
+    mask = ~excluded if mask is None else mask & ~excluded
+    bias = jnp.where(excluded, 0, bias).astype(q.dtype)
+  out = jax.nn.dot_product_attention(
+      q, k, v, bias, mask, scale=config.scale, is_causal=config.is_causal)
+  if mask is None:
+    return out  # Every row may attend s = 0 at least.
+  rows, cols = q.shape[1], k.shape[1]
+  any_allowed = jnp.any(
+      base.allowed_positions(jnp.arange(rows), jnp.arange(cols), cols, config.is_causal, mask),
+      axis=-1,
+  )  # [b, n, T]
+  return jnp.where(any_allowed.transpose(0, 2, 1)[..., None], out, 0)
+
+
+def _jax_nn_unsupported(q, k, v, bias, mask, config: base.Config) -> str | None:
+  if config.fixed_rate != 0.0:
+    return ("implementation='jax.nn' has no dropout: pass dropout_rate=0.0 or "
+            "deterministic=True, or pick another implementation")
+  if config.precision is not None:
+    return (f"implementation='jax.nn' takes no precision, got precision={config.precision!r}; "
+            "use implementation='xla'")
+  return None
+
+
+def _pallas_unsupported(q, k, v, bias, mask, config: base.Config) -> str | None:
+  kernels = _pallas()
+  if kernels is None:
+    return (f"implementation='pallas' needs {_TRITON} (the Pallas Triton backend), which jax "
+            f"{jax.__version__} does not provide; use implementation='xla' or None")
+  return kernels.unsupported_reason(q, k, v, bias, mask, config)
+
+
+def _pallas_run(q, k, v, bias, mask, key_data, rate, config: base.Config) -> jax.Array:
+  return _pallas().attention(q, k, v, bias, mask, key_data, rate, config)
+
+
+def _pallas_lowering():
+  """jax >= 0.11 warns that its Triton backend is deprecated whenever it lowers
+  a Triton kernel: ignored while jaxdrop lowers the kernels (a call outside a
+  jit). Inside a caller's jit, jax lowers them when that jit compiles, after
+  this call has returned, out of jaxdrop's reach (docs/attention.md)."""
+  return _pallas().triton_deprecation_ignored()
+
+
+def _always_supported(q, k, v, bias, mask, config: base.Config) -> None:
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+  """One way to compute the attention, as :data:`IMPLEMENTATIONS` names it.
+
+  Every function takes arguments already validated and canonicalized by
+  :func:`dot_product_attention` (``bias`` and ``mask`` 4-D or None).
+
+  Attributes:
+    run: ``run(q, k, v, bias, mask, key_data, rate, config) -> [B, T, N, H]``,
+      traced under ``jax.jit``; ``key_data`` and ``rate`` as
+      :func:`base.reference` takes them.
+    unsupported_reason: ``unsupported_reason(q, k, v, bias, mask, config)``:
+      None where ``run`` can take the call, else a message naming the argument.
+    lowering: a context manager factory; the call is traced and lowered in it.
+  """
+
+  run: Callable[..., jax.Array]
+  unsupported_reason: Callable[..., str | None] = _always_supported
+  lowering: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+
+
+# Every implementation, by the name that ``implementation=`` takes. Tests
+# replace entries (pytest's monkeypatch.setitem) to see which one a call picks.
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "reference": Implementation(base.reference),
+    "xla": Implementation(xla.attention),
+    "pallas": Implementation(_pallas_run, _pallas_unsupported, _pallas_lowering),
+    "jax.nn": Implementation(_jax_nn, _jax_nn_unsupported),
+}
+
+
 def check_implementation(implementation) -> str | None:
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(
@@ -114,49 +218,6 @@ def _key_data(dropout_key, rate) -> jax.Array:
   return _masks.threefry_key_data(dropout_key)
 
 
-_TRITON = "jax.experimental.pallas.triton"
-
-
-def _pallas():
-  """The Pallas Triton kernels, or None where this jax no longer ships its Triton backend.
-
-  Imported on first use: Pallas is a heavy import that only GPUs need.
-  """
-  try:
-    importlib.import_module(_TRITON)
-  except ImportError:
-    return None
-  from jaxdrop._attention import pallas_triton
-
-  return pallas_triton
-
-
-def _check_pallas(q, k, v, bias, mask, config: base.Config) -> None:
-  """Raises where an explicit ``implementation="pallas"`` cannot run."""
-  kernels = _pallas()
-  if kernels is None:
-    raise ValueError(
-        f"implementation='pallas' needs {_TRITON} (the Pallas Triton backend), which jax "
-        f"{jax.__version__} does not provide; use implementation='xla' or None"
-    )
-  reason = kernels.unsupported_reason(q, k, v, bias, mask, config)
-  if reason is not None:
-    raise ValueError(reason)
-
-
-def _lowering(implementation: str):
-  """The context of ``_run``: for "pallas", jax's Triton deprecation warning ignored.
-
-  jax >= 0.11 warns that its Triton backend is deprecated whenever it lowers
-  a Triton kernel. Called outside a jit, ``_run`` lowers the kernels inside
-  this context; inside a caller's jit, jax lowers them when that jit compiles,
-  after this call has returned, out of jaxdrop's reach (docs/attention.md).
-  """
-  if implementation == "pallas":
-    return _pallas().triton_deprecation_ignored()
-  return contextlib.nullcontext()
-
-
 def _on_cuda_gpu() -> bool:
   """Whether the default backend is an NVIDIA GPU (jax's own test: "cuda" in its version)."""
   if jax.default_backend() != "gpu":
@@ -165,112 +226,28 @@ def _on_cuda_gpu() -> bool:
 
 
 def _best_implementation(q, k, v, bias, mask, config: base.Config) -> str:
-  """``implementation=None``: "pallas" on NVIDIA GPUs where its kernels take the call, else "xla".
+  """``implementation=None``: the name of the fastest implementation that takes the call.
 
-  On an H100 the kernels ran 4x faster than "xla" with dropout, in 1/200 of
-  its memory (BENCHMARKS.md); they are measured on NVIDIA GPUs only. Where
-  jax no longer ships its Triton backend, "xla".
+  With dropout: "pallas" on NVIDIA GPUs where its kernels take the call, else
+  "xla". On an H100 the kernels ran 4x faster than "xla" with dropout, in
+  1/200 of its memory (BENCHMARKS.md); they are measured on NVIDIA GPUs only.
+  Where jax no longer ships its Triton backend, "xla". Without dropout (and
+  no precision asked for): "jax.nn".
   """
-  if not _on_cuda_gpu():
+  if config.fixed_rate == 0.0:
+    preferred = "jax.nn"
+  elif _on_cuda_gpu():
+    preferred = "pallas"
+  else:
     return "xla"
-  kernels = _pallas()
-  if kernels is None or kernels.unsupported_reason(q, k, v, bias, mask, config) is not None:
-    return "xla"
-  return "pallas"
+  if IMPLEMENTATIONS[preferred].unsupported_reason(q, k, v, bias, mask, config) is None:
+    return preferred
+  return "xla"  # It takes every validated call.
 
 
 @partial(jax.jit, static_argnames=("implementation", "config"))
-def _run(q, k, v, bias, mask, key_data, rate, *, implementation, config):
-  if implementation == "reference":
-    return base.reference(q, k, v, bias, mask, key_data, rate, config)
-  if implementation == "pallas":
-    return _pallas().attention(q, k, v, bias, mask, key_data, rate, config)
-  return xla.attention(q, k, v, bias, mask, key_data, rate, config)
-
-
-def _without_dropout(q, k, v, bias, mask, scale, is_causal) -> jax.Array:
-  """``jax.nn.dot_product_attention``, with rows that may attend nothing set to 0.
-
-  A bias of -inf excludes a position as the mask does (the other paths' softmax
-  gives it weight 0), so it joins the mask: jax.nn would turn a row of them
-  into NaN. A NaN bias stays and makes its row NaN, as on the other paths.
-  """
-  if bias is not None:
-    excluded = bias == -jnp.inf
-    mask = ~excluded if mask is None else mask & ~excluded
-    bias = jnp.where(excluded, 0, bias).astype(q.dtype)
-  out = jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, is_causal=is_causal)
-  if mask is None:
-    return out  # Every row may attend s = 0 at least.
-  rows, cols = q.shape[1], k.shape[1]
-  any_allowed = jnp.any(
-      base.allowed_positions(jnp.arange(rows), jnp.arange(cols), cols, is_causal, mask), axis=-1
-  )  # [b, n, T]
-  return jnp.where(any_allowed.transpose(0, 2, 1)[..., None], out, 0)
-
-
-def attention(
-    query,
-    key,
-    value,
-    bias=None,
-    mask=None,
-    *,
-    scale=None,
-    is_causal=False,
-    dropout_rate=0.0,
-    dropout_key=None,
-    deterministic=False,
-    implementation=None,
-    shared_mask: bool = False,
-    precision: Any = None,
-) -> jax.Array:
-  """:func:`dot_product_attention` with two more options, for the flax adapters.
-
-  Args:
-    shared_mask: one dropout mask for every batch element and head (flax's
-      ``broadcast_dropout=True``) instead of one per head.
-    precision: the ``jax.lax`` precision of the matrix products.
-  """
-  q, k, v = _check_qkv(query, key, value)
-  batch, rows, heads, head_dim = q.shape
-  cols = k.shape[1]
-  target = (batch, heads, rows, cols)
-  bias = _check_broadcastable(bias, "bias", target, boolean=False)
-  mask = _check_broadcastable(mask, "mask", target, boolean=True)
-  scale = _check_scale(scale, head_dim)
-  if not isinstance(is_causal, (bool, np.bool_)):
-    raise TypeError(f"is_causal must be a bool, got is_causal={is_causal!r}")
-  fixed = _validate.static_rate(dropout_rate, "dropout_rate")
-  deterministic = _validate.check_deterministic(deterministic)
-  implementation = check_implementation(implementation)
-  if deterministic or fixed == 0.0:
-    fixed, key_data, rate = 0.0, None, None
-  elif fixed == 1.0:
-    return jnp.zeros_like(q)  # Every weight dropped.
-  else:
-    key_data = _key_data(dropout_key, dropout_rate)
-    _masks.check_attention_size(rows, cols)
-    rate = None if fixed is not None else dropout_rate
-  if q.size == 0 or cols == 0:
-    # Nothing to compute, or no key to attend (every row outputs 0, as a row
-    # with no allowed position): no implementation needed, with or without dropout.
-    return jnp.zeros_like(q)
-  if fixed == 0.0 and implementation is None and precision is None:
-    return _without_dropout(q, k, v, bias, mask, scale, bool(is_causal))
-  config = base.Config(
-      scale=scale,
-      is_causal=bool(is_causal),
-      dropout_heads=(1, 1) if shared_mask else (batch, heads),
-      fixed_rate=fixed,
-      precision=precision,
-  )
-  if implementation is None:
-    implementation = _best_implementation(q, k, v, bias, mask, config)
-  elif implementation == "pallas":
-    _check_pallas(q, k, v, bias, mask, config)
-  with _lowering(implementation):
-    return _run(q, k, v, bias, mask, key_data, rate, implementation=implementation, config=config)
+def _run(q, k, v, bias, mask, key_data, rate, *, implementation: Implementation, config):
+  return implementation.run(q, k, v, bias, mask, key_data, rate, config)
 
 
 def dot_product_attention(
@@ -286,6 +263,8 @@ def dot_product_attention(
     dropout_key: jax.typing.ArrayLike | None = None,
     deterministic: bool = False,
     implementation: str | None = None,
+    broadcast_dropout: bool = False,
+    precision: jax.lax.PrecisionLike = None,
 ) -> jax.Array:
   """Scaled dot-product attention with dropout on the attention weights.
 
@@ -322,15 +301,22 @@ def dot_product_attention(
       NaN). No gradient flows to it.
     dropout_key: a threefry PRNG key; needed while dropout is active.
     deterministic: if True, no dropout (evaluation); no key is needed.
-    implementation: ``None`` (the best available: ``"pallas"`` on NVIDIA
-      GPUs where jax ships its Pallas Triton backend and the kernels support
-      the call, else ``"xla"``), ``"xla"`` (blockwise: the flash-attention
-      algorithm in ``jax.numpy``, memory linear in ``T``), ``"pallas"``
-      (fused Triton kernels for NVIDIA GPUs; an unsupported call raises
-      ``ValueError`` naming the argument) or
-      ``"reference"`` (materializes every ``[B, N, T, S]`` array; the
-      oracle). Without dropout, ``None`` calls
-      ``jax.nn.dot_product_attention``.
+    implementation: ``None`` (the best available: with dropout,
+      ``"pallas"`` on NVIDIA GPUs where jax ships its Pallas Triton backend
+      and the kernels support the call, else ``"xla"``; without dropout,
+      ``"jax.nn"``) or a name from ``IMPLEMENTATIONS``: ``"xla"``
+      (blockwise: the flash-attention algorithm in ``jax.numpy``, memory
+      linear in ``T``), ``"pallas"`` (fused Triton kernels for NVIDIA GPUs),
+      ``"jax.nn"`` (``jax.nn.dot_product_attention``, without dropout only)
+      or ``"reference"`` (materializes every ``[B, N, T, S]`` array; the
+      oracle). A named implementation that cannot take the call raises
+      ``ValueError`` naming the argument.
+    broadcast_dropout: if True, one dropout mask, ``attention_keep_mask``
+      ``(dropout_key, (1, 1, T, S), dropout_rate)``, shared by every batch
+      element and head (flax's ``broadcast_dropout=True``); else one per
+      batch element and head.
+    precision: the ``jax.lax`` precision of the two matrix products; None is
+      the backend's default.
 
   Returns:
     ``[B, T, N, H]`` in the dtype of ``query``.
@@ -350,8 +336,45 @@ def dot_product_attention(
     >>> out.shape
     (1, 16, 2, 8)
   """
-  return attention(
-      query, key, value, bias, mask,
-      scale=scale, is_causal=is_causal, dropout_rate=dropout_rate,
-      dropout_key=dropout_key, deterministic=deterministic, implementation=implementation,
+  q, k, v = _check_qkv(query, key, value)
+  batch, rows, heads, head_dim = q.shape
+  cols = k.shape[1]
+  target = (batch, heads, rows, cols)
+  bias = _check_broadcastable(bias, "bias", target, boolean=False)
+  mask = _check_broadcastable(mask, "mask", target, boolean=True)
+  scale = _check_scale(scale, head_dim)
+  if not isinstance(is_causal, (bool, np.bool_)):
+    raise TypeError(f"is_causal must be a bool, got is_causal={is_causal!r}")
+  fixed = _validate.static_rate(dropout_rate, "dropout_rate")
+  deterministic = _validate.check_deterministic(deterministic)
+  implementation = check_implementation(implementation)
+  if deterministic or fixed == 0.0:
+    fixed, key_data, rate = 0.0, None, None
+  elif fixed == 1.0:
+    return jnp.zeros_like(q)  # Every weight dropped.
+  else:
+    key_data = _key_data(dropout_key, dropout_rate)
+    _masks.check_attention_size(rows, cols)
+    rate = None if fixed is not None else dropout_rate
+  if q.size == 0 or cols == 0:
+    # Nothing to compute, or no key to attend (every row outputs 0, as a row
+    # with no allowed position): no implementation needed, with or without dropout.
+    return jnp.zeros_like(q)
+  if not isinstance(broadcast_dropout, (bool, np.bool_)):
+    raise TypeError(f"broadcast_dropout must be a bool, got broadcast_dropout={broadcast_dropout!r}")
+  config = base.Config(
+      scale=scale,
+      is_causal=bool(is_causal),
+      dropout_heads=(1, 1) if broadcast_dropout else (batch, heads),
+      fixed_rate=fixed,
+      precision=precision,
   )
+  if implementation is None:
+    implementation = _best_implementation(q, k, v, bias, mask, config)
+  else:
+    reason = IMPLEMENTATIONS[implementation].unsupported_reason(q, k, v, bias, mask, config)
+    if reason is not None:
+      raise ValueError(reason)
+  chosen = IMPLEMENTATIONS[implementation]
+  with chosen.lowering():
+    return _run(q, k, v, bias, mask, key_data, rate, implementation=chosen, config=config)

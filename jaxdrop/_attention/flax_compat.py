@@ -4,7 +4,7 @@
 and ``flax.nnx.MultiHeadAttention(..., attention_fn=jaxdrop.nnx.dot_product_attention)``
 work unchanged: these functions take flax's signature (batch dimensions
 ``[batch..., T, N, H]``, ``dropout_rng``, ``broadcast_dropout``, ``dtype``, ...),
-translate it, and call :func:`jaxdrop._attention.api.attention`.
+translate it, and call :func:`jaxdrop.dot_product_attention`.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _flax_attention(
   def flatten(x):  # [batch..., L, heads, H] -> [b, L, heads, H]
     return x.reshape(flat + x.shape[len(batch_shape):])
 
-  out = api.attention(
+  out = api.dot_product_attention(
       flatten(query), flatten(key), flatten(value),
       _flat_batch(bias, "bias", target),
       # flax masks are often float 0/1 (nn.make_causal_mask); flax attends where nonzero.
@@ -87,7 +87,7 @@ def _flax_attention(
       dropout_rate=dropout_rate,
       dropout_key=dropout_rng,
       deterministic=deterministic,
-      shared_mask=broadcast_dropout,
+      broadcast_dropout=broadcast_dropout,
       precision=precision,
       implementation=implementation,
   )
