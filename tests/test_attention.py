@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_cases import CASES
 from conftest import run_with_devices
 from oracles import attention_keep_mask, equations
 
 import jaxdrop
 from jaxdrop._attention import base
-from jaxdrop._attention import xla
 
 KEY = jax.random.key(7)
 
@@ -24,104 +24,15 @@ def inputs(batch=2, rows=13, cols=40, heads=4, kv_heads=2, head_dim=8, dtype=jnp
   return tuple(jnp.asarray(a, dtype) for a in (q, k, v))
 
 
-def attend(q, k, v, bias=None, mask=None, blocks=None, implementation="xla", **kwargs):
-  """``dot_product_attention``, or the blockwise path with explicit tile sizes."""
-  if blocks is None:
-    return jaxdrop.dot_product_attention(q, k, v, bias, mask, implementation=implementation, **kwargs)
-  rate = kwargs.get("dropout_rate", 0.0)
-  config = base.Config(
-      scale=1 / np.sqrt(q.shape[-1]),
-      is_causal=kwargs.get("is_causal", False),
-      dropout_heads=(q.shape[0], q.shape[2]),
-      fixed_rate=rate,
-  )
-  key_data = jax.random.key_data(kwargs["dropout_key"]) if rate else None
-  expand = lambda x: None if x is None else x.reshape((1,) * (4 - x.ndim) + x.shape)
-  return xla.attention(q, k, v, expand(bias), expand(mask), key_data, None, config, blocks)
-
-
-# name: (shape kwargs, causal, bias shape, mask shape) -- bias/mask shapes
-# broadcast to [B, N, T, S] with B=2, N=4, T=13, S=40.
-CASES = {
-    "plain": ({}, False, None, None),
-    "causal": ({}, True, None, None),
-    "padding_mask": ({}, False, None, (2, 1, 1, 40)),
-    "full_mask_and_bias": ({}, False, (2, 4, 13, 40), (2, 4, 13, 40)),
-    "broadcast_bias_causal": ({}, True, (1, 4, 1, 40), None),
-    "gqa_t_longer": (dict(rows=70, cols=40, heads=6, kv_heads=2), True, None, None),
-    "mha": (dict(heads=3, kv_heads=3), False, (13, 40), None),
-    "one_key": (dict(cols=1), False, (1, 4, 13, 1), None),
-    "one_query_three_keys": (dict(rows=1, cols=3), True, None, (2, 1, 1, 3)),
-}
-# Tile sizes for each case: defaults, tiles that divide nothing, and square tiles.
-BLOCKS = {
-    "plain": xla.BlockSizes(q=5, k=32),
-    "causal": xla.BlockSizes(q=5, k=32),
-    "padding_mask": None,
-    "full_mask_and_bias": xla.BlockSizes(q=16, k=32),
-    "broadcast_bias_causal": xla.BlockSizes(q=16, k=32),
-    "gqa_t_longer": xla.BlockSizes(q=16, k=32),
-    "mha": None,
-    "one_key": xla.BlockSizes(q=5, k=32),
-    "one_query_three_keys": None,
-}
+def attend(q, k, v, bias=None, mask=None, implementation="xla", **kwargs):
+  return jaxdrop.dot_product_attention(q, k, v, bias, mask, implementation=implementation, **kwargs)
 
 
 def case_arrays(name, dtype=jnp.float32):
-  shape_kwargs, causal, bias_shape, mask_shape = CASES[name]
-  q, k, v = inputs(dtype=dtype, **shape_kwargs)
-  rng = np.random.default_rng(1)
-  bias = None if bias_shape is None else jnp.asarray(rng.normal(size=bias_shape), dtype)
-  mask = None
-  if mask_shape is not None:
-    mask = rng.random(size=mask_shape) > 0.3
-    mask[..., 0] = True  # Keep every row attending somewhere here.
-    mask = jnp.asarray(mask)
-  return q, k, v, bias, mask, causal
-
-
-def loss_and_grads(implementation, q, k, v, bias, mask, blocks=None, **kwargs):
-  weights = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape)
-
-  def loss(q, k, v, bias):
-    out = attend(q, k, v, bias, mask, blocks, implementation, **kwargs)
-    return jnp.sum(out.astype(jnp.float32) * weights)
-
-  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-  return jax.jit(jax.value_and_grad(loss, argnums=argnums))(q, k, v, bias)
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_xla_matches_reference_float32(name):
-  q, k, v, bias, mask, causal = case_arrays(name)
-  blocks = BLOCKS[name]
-  kwargs = dict(is_causal=causal, dropout_rate=0.3, dropout_key=KEY)
-  expected = loss_and_grads("reference", q, k, v, bias, mask, **kwargs)
-  actual = loss_and_grads("xla", q, k, v, bias, mask, blocks=blocks, **kwargs)
-  np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5, atol=1e-5)
-  for got, want in zip(actual[1], expected[1]):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
-
-
-@pytest.mark.parametrize("name", ["causal", "full_mask_and_bias", "gqa_t_longer"])
-def test_xla_matches_reference_bfloat16(name):
-  q, k, v, bias, mask, causal = case_arrays(name, jnp.bfloat16)
-  kwargs = dict(is_causal=causal, dropout_rate=0.1, dropout_key=KEY)
-  expected = jaxdrop.dot_product_attention(q, k, v, bias, mask, implementation="reference", **kwargs)
-  actual = jaxdrop.dot_product_attention(q, k, v, bias, mask, implementation="xla", **kwargs)
-  assert actual.dtype == jnp.bfloat16
-  # bfloat16 keeps 8 bits of mantissa; the xla path rounds P to bfloat16 for P.V.
-  np.testing.assert_allclose(
-      np.asarray(actual, np.float32), np.asarray(expected, np.float32), atol=3e-2, rtol=3e-2
-  )
-  _, grads = loss_and_grads("xla", q, k, v, bias, mask, **kwargs)
-  _, want = loss_and_grads("reference", q, k, v, bias, mask, **kwargs)
-  for got, ref in zip(grads, want):
-    assert got.dtype == ref.dtype
-    scale = float(jnp.max(jnp.abs(ref.astype(jnp.float32))))
-    np.testing.assert_allclose(
-        np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=4e-2 * scale
-    )
+  """``(q, k, v, bias, mask, is_causal)`` of the case ``name`` of ``attention_cases``."""
+  case = CASES[name]
+  q, k, v, bias, mask, _ = case.arrays(dtype)
+  return q, k, v, bias, mask, case.causal
 
 
 # ----------------------------------------------------------------------------
@@ -134,26 +45,6 @@ def test_mask_is_the_documented_jax_random_expression(shape, rate):
   np.testing.assert_array_equal(
       jaxdrop.attention_keep_mask(KEY, shape, rate), attention_keep_mask(KEY, shape, rate)
   )
-
-
-@pytest.mark.parametrize(
-    ("implementation", "blocks"),
-    [("reference", None), ("xla", None), ("xla", xla.BlockSizes(q=3, k=32))],
-    ids=["reference", "xla", "xla-3x32"],
-)
-def test_dropped_weights_are_the_mask(implementation, blocks):
-  """With value = identity (S = H), out[b, t, n] is the row P * keep * c itself."""
-  batch, rows, heads, cols = 2, 7, 3, 48
-  q, k, _ = inputs(batch, rows, cols, heads, heads, head_dim=cols)
-  v = jnp.broadcast_to(jnp.eye(cols), (batch, heads, cols, cols)).transpose(0, 2, 1, 3)
-  rate = 0.4
-  plain = attend(q, k, v, blocks=blocks, implementation=implementation)
-  dropped = attend(q, k, v, blocks=blocks, implementation=implementation, dropout_rate=rate, dropout_key=KEY)
-  keep = np.asarray(jaxdrop.attention_keep_mask(KEY, (batch, heads, rows, cols), rate))
-  keep = keep.transpose(0, 2, 1, 3)  # [B, T, N, S], as the output
-  np.testing.assert_array_equal(np.asarray(dropped) != 0, keep)
-  scale = 256 / (256 - round(rate * 256))  # The test's own oracle of c.
-  np.testing.assert_allclose(dropped, np.where(keep, np.asarray(plain) * scale, 0), rtol=1e-6)
 
 
 def test_mask_at_a_rate_that_rounds_near_a_half_is_the_attention_mask():

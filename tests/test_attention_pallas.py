@@ -1,11 +1,8 @@
-"""The Pallas (Triton) attention kernels, run in the Pallas interpreter on CPU.
+"""What only the Pallas (Triton) attention kernels do, run in the Pallas interpreter on CPU.
 
-Every case compares the kernels with the materialized ``base.reference`` (and
-the blockwise ``xla.attention``): outputs and the gradients of q, k, v and
-bias, tightly in float32 and loosely in bfloat16. The dropout bits are checked
-exactly against :func:`jaxdrop.attention_keep_mask`. Shapes and blocks are
-tiny (the interpreter is slow), and each case compiles once, in a
-module-scoped fixture.
+A NaN bias, forward mode, a traced rate, the lowering to Triton for "cuda", the launch
+options, and the choice of implementation. Their outputs, gradients and dropout bits against
+the reference, on every case, are test_attention_suite.py's.
 """
 
 from __future__ import annotations
@@ -18,16 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_cases import FAST_COMPILE, KEY_DATA, PALLAS_BLOCKS, assert_close
 from conftest import cuda_lowering
 
 import jaxdrop
 from jaxdrop._attention import base
 from jaxdrop._attention import pallas_triton as pt
-from jaxdrop._attention import xla
 
-BLOCKS = pt.BlockSizes(q=16, k=16, q_dkv=16, k_dkv=16, q_dq=16, k_dq=16)
-# Larger, unequal blocks: 32 rows per forward program, mixed in the backward.
-BLOCKS_MIXED = pt.BlockSizes(q=32, k=16, q_dkv=16, k_dkv=32, q_dq=32, k_dq=16)
+BLOCKS = PALLAS_BLOCKS
 
 
 def _inputs(seed, batch, rows, cols, heads, kv_heads, head_dim, dtype=jnp.float32):
@@ -53,153 +48,15 @@ def _value_and_grads(fn, config, mask, key_data, d_out, **kwargs):
   return _jit(run)
 
 
-# The interpreter turns each kernel into a large XLA program; compiling it
-# without LLVM's optimizations halves the time of this file.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _jit(fn, **kwargs):
-  return jax.jit(fn, compiler_options=_FAST_COMPILE, **kwargs)
-
-
-def _assert_close(actual, expected, tol):
-  """|actual - expected| <= tol * (1 + max|expected|), elementwise, and finite."""
-  actual = np.asarray(actual, np.float32)
-  expected = np.asarray(expected, np.float32)
-  assert np.all(np.isfinite(actual))
-  bound = tol * (1 + np.max(np.abs(expected)))
-  np.testing.assert_allclose(actual, expected, rtol=0, atol=bound)
-
-
-KEY_DATA = jax.random.key_data(jax.random.key(7))
+  return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
 
 
 # ----------------------------------------------------------------------------
-# Dropout bits: with value = identity (S = H) the output row is P * keep * c.
-
-
-@pytest.fixture(scope="module")
-def identity_case():
-  batch, rows, cols, heads, kv_heads = 2, 24, 32, 2, 1  # T not a block multiple; GQA
-  q, k, _, _ = _inputs(0, batch, rows, cols, heads, kv_heads, cols)
-  v = jnp.broadcast_to(jnp.eye(cols)[None, :, None, :], (batch, cols, kv_heads, cols))
-  results = {}
-  for shared in (False, True):
-    config = base.Config(
-        scale=0.2, is_causal=False, dropout_heads=(1, 1) if shared else (batch, heads),
-        fixed_rate=0.5,
-    )
-    reference = _jit(base.reference, static_argnums=7)(
-        q, k, v, None, None, KEY_DATA, None, config)
-    run = _jit(lambda q, k, v, config=config: pt.attention(
-        q, k, v, None, None, KEY_DATA, None, config, blocks=BLOCKS, interpret=True))
-    results[shared] = (run(q, k, v), reference)
-  return results, (batch, heads, rows, cols)
-
-
-def test_mask_bits_equal_attention_keep_mask(identity_case):
-  results, shape = identity_case
-  out, reference = results[False]
-  keep = jaxdrop.attention_keep_mask(jax.random.wrap_key_data(KEY_DATA), shape, 0.5)
-  kept = np.asarray(out != 0).transpose(0, 2, 1, 3)  # [B, T, N, S] -> [B, N, T, S]
-  np.testing.assert_array_equal(kept, np.asarray(keep))
-  assert 0.3 < kept.mean() < 0.7  # both values occur
-  _assert_close(out, reference, 1e-5)
-
-
-def test_shared_mask_bits(identity_case):
-  results, (batch, heads, rows, cols) = identity_case
-  out, reference = results[True]
-  keep = jaxdrop.attention_keep_mask(jax.random.wrap_key_data(KEY_DATA), (1, 1, rows, cols), 0.5)
-  kept = np.asarray(out != 0).transpose(0, 2, 1, 3)
-  np.testing.assert_array_equal(kept, np.broadcast_to(np.asarray(keep), kept.shape))
-  _assert_close(out, reference, 1e-5)
-
-
-# ----------------------------------------------------------------------------
-# Outputs and gradients against the reference and the blockwise XLA path.
-
-CASES = {
-    # GQA, T != S (neither a block multiple), a per-head bias, a mask with a
-    # padded key tail and one query row that may attend nothing, dropout per head.
-    "gqa_bias_mask_dropout": dict(
-        shape=(1, 40, 24, 4, 2, 16), causal=False, rate=0.2, shared=False,
-        bias=(1, 4, 40, 24), mask="dead_row", blocks=BLOCKS),
-    # Causal, a key-padding mask and a bias broadcast over heads and rows, one
-    # mask shared by all heads, mixed block sizes.
-    "causal_shared_row_bias": dict(
-        shape=(2, 48, 48, 2, 2, 32), causal=True, rate=0.3, shared=True,
-        bias=(2, 1, 1, 48), mask="key_padding", blocks=BLOCKS_MIXED),
-    # Causal with T > S, no dropout, no bias or mask, head dim 64.
-    "causal_no_dropout_h64": dict(
-        shape=(1, 40, 24, 2, 1, 64), causal=True, rate=0.0, shared=False,
-        bias=None, mask=None, blocks=BLOCKS),
-    # Head dim 24, zero-padded to 32 for the kernels and sliced back, with dropout.
-    "h24_padded_dropout": dict(
-        shape=(1, 24, 40, 2, 1, 24), causal=False, rate=0.2, shared=False,
-        bias=(1, 2, 24, 40), mask=None, blocks=BLOCKS),
-}
-
-
-def _case_arrays(spec):
-  batch, rows, cols, heads, kv_heads, head_dim = spec["shape"]
-  q, k, v, d_out = _inputs(1, batch, rows, cols, heads, kv_heads, head_dim)
-  bias = None
-  if spec["bias"] is not None:
-    bias = jax.random.normal(jax.random.key(2), spec["bias"])
-  mask = None
-  if spec["mask"] == "dead_row":
-    mask = jnp.broadcast_to(jnp.arange(cols) < cols - 5, (batch, 1, rows, cols))
-    mask = mask.at[:, :, 3, :].set(False)
-  elif spec["mask"] == "key_padding":
-    lengths = jnp.array([cols, cols - 20])[:batch]
-    mask = (jnp.arange(cols)[None, :] < lengths[:, None])[:, None, None, :]
-  config = base.Config(
-      scale=0.3, is_causal=spec["causal"],
-      dropout_heads=(1, 1) if spec["shared"] else (batch, heads), fixed_rate=spec["rate"],
-  )
-  return q, k, v, bias, mask, d_out, config
-
-
-@pytest.fixture(scope="module")
-def case_results():
-  results = {}
-  for name, spec in CASES.items():
-    q, k, v, bias, mask, d_out, config = _case_arrays(spec)
-    fns = {
-        "pallas": _value_and_grads(
-            pt.attention, config, mask, KEY_DATA, d_out, blocks=spec["blocks"],
-            interpret=True),
-        "xla": _value_and_grads(xla.attention, config, mask, KEY_DATA, d_out),
-        "reference": _value_and_grads(base.reference, config, mask, KEY_DATA, d_out),
-    }
-    results[name] = {impl: fn(q, k, v, bias, None) for impl, fn in fns.items()}
-  return results
-
-
-@pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("against", ["reference", "xla"])
-def test_outputs_and_gradients_float32(case_results, name, against):
-  out, grads = case_results[name]["pallas"]
-  want_out, want_grads = case_results[name][against]
-  _assert_close(out, want_out, 2e-5)
-  for got, want in zip(grads, want_grads):
-    if want is None:
-      assert got is None
-    else:
-      assert got.shape == want.shape and got.dtype == want.dtype
-      _assert_close(got, want, 2e-5)
-
-
-def test_dead_row_outputs_zero_with_finite_gradients(case_results):
-  out, grads = case_results["gqa_bias_mask_dropout"]["pallas"]
-  np.testing.assert_array_equal(np.asarray(out[:, 3]), 0)
-  assert np.all(np.asarray(out[:, 4]) != 0)
-  dq, _, _, d_bias = grads
-  np.testing.assert_array_equal(np.asarray(dq[:, 3]), 0)
-  np.testing.assert_array_equal(np.asarray(d_bias[:, :, 3]), 0)
-  for g in grads:
-    assert np.all(np.isfinite(np.asarray(g)))
+# What only the kernels do. Their outputs, gradients and mask bits against the
+# reference, case by case, are test_attention_suite.py's.
 
 
 def test_nan_bias_makes_its_row_nan_even_where_dropout_drops_it():
@@ -229,30 +86,7 @@ def test_forward_mode_is_jaxs_named_custom_vjp_error():
 
 
 # ----------------------------------------------------------------------------
-# Low precision, traced rates.
-
-
-@pytest.fixture(scope="module", params=[jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
-def low_precision_results(request):
-  batch, rows, cols, heads, kv_heads, head_dim = 1, 32, 32, 2, 2, 32
-  q, k, v, d_out = _inputs(3, batch, rows, cols, heads, kv_heads, head_dim, request.param)
-  config = base.Config(scale=head_dim**-0.5, is_causal=True, dropout_heads=(batch, heads),
-                       fixed_rate=0.1)
-  pallas = _value_and_grads(pt.attention, config, None, KEY_DATA, d_out, blocks=BLOCKS,
-                            interpret=True)
-  # The oracle in float32 on the same (bfloat16-valued) inputs.
-  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  reference = _value_and_grads(base.reference, config, None, KEY_DATA, d_out)
-  return request.param, pallas(q, k, v, None, None), reference(*f32, None, None)
-
-
-def test_low_precision_close_to_float32_reference(low_precision_results):
-  dtype, (out, grads), (want_out, want_grads) = low_precision_results
-  assert out.dtype == dtype
-  _assert_close(out, want_out, 2e-2)
-  for got, want in zip(grads[:3], want_grads[:3]):
-    assert got.dtype == dtype
-    _assert_close(got, want, 4e-2)
+# Traced rates.
 
 
 @pytest.fixture(scope="module")
@@ -275,9 +109,9 @@ def traced_rate_run():
 def test_traced_rate_matches_static_rate_without_retracing(traced_rate_run):
   (q, k, v), run, (want_out, want_grads), traces = traced_rate_run
   out, grads = run(q, k, v, None, jnp.float32(0.25))
-  _assert_close(out, want_out, 2e-5)
+  assert_close(out, want_out, 2e-5)
   for got, want in zip(grads[:3], want_grads[:3]):
-    _assert_close(got, want, 2e-5)
+    assert_close(got, want, 2e-5)
   out_one, grads_one = run(q, k, v, None, jnp.float32(1.0))
   np.testing.assert_array_equal(np.asarray(out_one), 0)
   for g in grads_one[:3]:
