@@ -287,6 +287,31 @@ def test_none_picks_xla_off_gpus(monkeypatch):
   assert chosen == ["xla"]
 
 
+@pytest.mark.parametrize(
+    "version, length, precision, expected",
+    [
+        # CPU: "xla" from T * S = 1024 * 1024, where it was measured faster (docs/attention.md).
+        (None, 1024, None, "xla"),
+        (None, 1023, None, "jax.nn"),
+        (None, 8, None, "jax.nn"),
+        ("cuda 12080", 1024, None, "jax.nn"),  # cuDNN where it applies
+        ("rocm 6.2", 1024, None, "jax.nn"),
+        (None, 8, jax.lax.Precision.HIGHEST, "xla"),  # jax.nn takes no precision
+        ("cuda 12080", 8, jax.lax.Precision.HIGHEST, "xla"),
+    ],
+)
+@pytest.mark.parametrize("off", ["rate-0", "deterministic"])
+def test_none_without_dropout_picks_per_backend_and_size(on_gpu, monkeypatch, version, length,
+                                                         precision, expected, off):
+  chosen = on_gpu(version) if version else _record_runs(monkeypatch)
+  q = jnp.zeros((1, length, 2, 64), jnp.bfloat16)
+  kv = jnp.zeros((1, 1024, 2, 64), jnp.bfloat16)
+  kwargs = dict(dropout_rate=0.0) if off == "rate-0" else dict(
+      dropout_rate=0.1, deterministic=True)
+  jaxdrop.dot_product_attention(q, kv, kv, precision=precision, **kwargs)
+  assert chosen == [expected]
+
+
 def test_explicit_pallas_on_an_unsupported_gpu_call_names_the_argument(on_gpu):
   on_gpu("cuda 12080")
   q = jnp.zeros((1, 8, 2, 512), jnp.float32)

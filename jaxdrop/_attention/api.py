@@ -225,17 +225,30 @@ def _on_cuda_gpu() -> bool:
   return "cuda" in jax_backend.get_backend().platform_version.lower()
 
 
+# T * S from which "xla" beat "jax.nn" without dropout on CPU, forward and backward
+# (B 1, N 8, H 64, float32; benchmarks/results/bench_attention-cpu-T*.json).
+_CPU_BLOCKWISE_FROM = 1024 * 1024
+
+
 def _best_implementation(q, k, v, bias, mask, config: base.Config) -> str:
   """``implementation=None``: the name of the fastest implementation that takes the call.
 
   With dropout: "pallas" on NVIDIA GPUs where its kernels take the call, else
   "xla". On an H100 the kernels ran 4x faster than "xla" with dropout, in
   1/200 of its memory (BENCHMARKS.md); they are measured on NVIDIA GPUs only.
-  Where jax no longer ships its Triton backend, "xla". Without dropout (and
-  no precision asked for): "jax.nn".
+  Where jax no longer ships its Triton backend, "xla".
+
+  Without dropout (evaluation, rate 0): "xla" on CPU from T * S = 1024 * 1024,
+  where it ran faster than "jax.nn" forward and forward+backward (2.4x and
+  1.2x at T = S = 1024), in a third of its memory; below that "jax.nn", which
+  was faster forward+backward (docs/attention.md, "Choosing an
+  implementation"). Elsewhere "jax.nn", which takes cuDNN on NVIDIA GPUs. A
+  precision makes it "xla" ("jax.nn" takes none).
   """
   if config.fixed_rate == 0.0:
-    preferred = "jax.nn"
+    rows, cols = q.shape[1], k.shape[1]
+    blockwise = jax.default_backend() == "cpu" and rows * cols >= _CPU_BLOCKWISE_FROM
+    preferred = "xla" if blockwise else "jax.nn"
   elif _on_cuda_gpu():
     preferred = "pallas"
   else:
@@ -301,10 +314,11 @@ def dot_product_attention(
       NaN). No gradient flows to it.
     dropout_key: a threefry PRNG key; needed while dropout is active.
     deterministic: if True, no dropout (evaluation); no key is needed.
-    implementation: ``None`` (the best available: with dropout,
+    implementation: ``None`` (the fastest measured: with dropout,
       ``"pallas"`` on NVIDIA GPUs where jax ships its Pallas Triton backend
       and the kernels support the call, else ``"xla"``; without dropout,
-      ``"jax.nn"``) or a name from ``IMPLEMENTATIONS``: ``"xla"``
+      ``"xla"`` on CPU from ``T * S = 1024 * 1024``, else ``"jax.nn"``; the
+      table is in docs/attention.md) or a name from ``IMPLEMENTATIONS``: ``"xla"``
       (blockwise: the flash-attention algorithm in ``jax.numpy``, memory
       linear in ``T``), ``"pallas"`` (fused Triton kernels for NVIDIA GPUs),
       ``"jax.nn"`` (``jax.nn.dot_product_attention``, without dropout only)
