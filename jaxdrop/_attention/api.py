@@ -225,8 +225,8 @@ def _on_cuda_gpu() -> bool:
   return "cuda" in jax_backend.get_backend().platform_version.lower()
 
 
-# T * S from which "xla" beat "jax.nn" without dropout on CPU, forward and backward
-# (B 1, N 8, H 64, float32; benchmarks/results/bench_attention-cpu-T*.json).
+# T * S from which "xla" beat "jax.nn" without dropout on CPU in the forward pass, in a third
+# of the memory or less (B 1, N 8, H 64, float32; benchmarks/results/bench_attention-cpu-T*.json).
 _CPU_BLOCKWISE_FROM = 1024 * 1024
 
 
@@ -239,11 +239,12 @@ def _best_implementation(q, k, v, bias, mask, config: base.Config) -> str:
   Where jax no longer ships its Triton backend, "xla".
 
   Without dropout (evaluation, rate 0): "xla" on CPU from T * S = 1024 * 1024,
-  where it ran faster than "jax.nn" forward and forward+backward (2.4x and
-  1.2x at T = S = 1024), in a third of its memory; below that "jax.nn", which
-  was faster forward+backward (docs/attention.md, "Choosing an
-  implementation"). Elsewhere "jax.nn", which takes cuDNN on NVIDIA GPUs. A
-  precision makes it "xla" ("jax.nn" takes none).
+  where it ran 1.26-2.4x faster than "jax.nn" forward (what evaluation runs),
+  in a third to a tenth of its memory; forward+backward the runs disagreed
+  (0.82-2.1x). Below that "jax.nn", up to 1.37x faster forward+backward
+  (docs/attention.md, "Choosing an implementation"). Elsewhere "jax.nn",
+  which takes cuDNN on NVIDIA GPUs. A precision makes it "xla" ("jax.nn"
+  takes none).
   """
   if config.fixed_rate == 0.0:
     rows, cols = q.shape[1], k.shape[1]
