@@ -289,6 +289,32 @@ def harness_check(results: dict) -> list[str]:
   return lines
 
 
+def flax_models(results: dict) -> list[str]:
+  """``flax_models.py``: each model's train step and evaluation forward, flax against jaxdrop."""
+  meta, rows = section(results, "flax_models")
+  flax = {(r["model"], r["length"], r["rate"]): r for r in rows if r["variant"] == "flax"}
+  body = []
+  for r in rows:
+    ref = flax[r["model"], r["length"], r["rate"]]
+    body.append([
+        r["model"], str(r["length"]), f"{r['rate']:g}", r["variant"],
+        ms(r["train_ms"]), ratio(r["train_ms"] / ref["train_ms"]),
+        size(r["train_temp_bytes"]), fraction(r["train_temp_bytes"], ref["train_temp_bytes"]),
+        ms(r["eval_ms"]), ratio(r["eval_ms"] / ref["eval_ms"]),
+        size(r["eval_temp_bytes"]), fraction(r["eval_temp_bytes"], ref["eval_temp_bytes"]),
+        f"{r['train_compile_s']:.2f}", ratio(r["train_compile_s"] / ref["train_compile_s"]),
+    ])
+  header = ["model", "T", "attention dropout", "attention_fn", "train ms", "× flax",
+            "train temp", "vs flax", "eval ms", "× flax", "eval temp", "vs flax",
+            "train compile s", "× flax"]
+  config = results.get("config", {})
+  title = (f"Attention in flax models, batch {config.get('batch', '?')}, width "
+           f"{config.get('width', '?')}, {config.get('heads', '?')} heads, depth "
+           f"{config.get('depth', '?')}: a train step (Adam) and an evaluation forward pass, each "
+           "against flax's default attention_fn at the same model, T and rate.")
+  return caption(meta, title) + table(header, body, ["l", "r", "r", "l"] + ["r"] * 10)
+
+
 # ----------------------------------------------------------------------------
 # The pages.
 
@@ -303,6 +329,7 @@ class Table:
 BENCH = "python benchmarks/bench.py"
 ATTENTION = "python benchmarks/bench_attention.py"
 CHECK = "python benchmarks/check_harness.py"
+FLAX_MODELS = "python benchmarks/flax_models.py"
 H100 = "a device run (docs/performance.md)"
 # The pages' elementwise tables leave out the modules whose rows match
 # jaxdrop.dropout's and flax.linen's (``report.py FILE`` prints every row).
@@ -314,6 +341,7 @@ TABLES = {
     "cpu-attention": Table("bench_attention-cpu.json", attention, ATTENTION),
     "cpu-attention-block": Table("bench_attention-cpu.json", attention_block, ATTENTION),
     "cpu-harness-check": Table("check_harness-cpu.json", harness_check, CHECK),
+    "cpu-flax-models": Table("flax_models-cpu.json", flax_models, FLAX_MODELS),
     "h100-elementwise": Table("h100-2026-11-27.json", lambda r: elementwise(r, leave_out=MODULES),
                               H100),
     "h100-train-step": Table("h100-2026-11-27.json", steps, H100),

@@ -139,6 +139,29 @@ def test_attention_table_compares_with_flax_per_head_dropout(report):
   assert body[0][-1] == "1/1.33"
 
 
+def test_flax_models_table_compares_each_variant_with_flax_at_its_model_length_and_rate(report):
+  def row(variant, length, train_ms, eval_ms, temp, compile_s):
+    return dict(model="language model", length=length, rate=0.1, variant=variant,
+                train_ms=train_ms, eval_ms=eval_ms, train_temp_bytes=temp,
+                eval_temp_bytes=temp // 2, train_compile_s=compile_s, eval_compile_s=0.5)
+
+  rows = [row("flax", 1024, 100.0, 40.0, 8_000_000, 2.0),
+          row("jaxdrop drop-in", 1024, 50.0, 60.0, 2_000_000, 3.0),
+          row("flax", 2048, 400.0, 160.0, 32_000_000, 4.0),
+          row("jaxdrop drop-in", 2048, 100.0, 80.0, 4_000_000, 4.0)]
+  results = dict(meta=META, flax_models=rows, config=dict(batch=2, width=256, heads=4, depth=2))
+  lines = report.flax_models(results)
+  assert "batch 2, width 256, 4 heads, depth 2" in lines[0]
+  header, *body = _table(lines)
+  assert header[:4] == ["model", "T", "attention dropout", "attention_fn"]
+  assert [r[1:4] for r in body] == [["1024", "0.1", "flax"], ["1024", "0.1", "jaxdrop drop-in"],
+                                    ["2048", "0.1", "flax"], ["2048", "0.1", "jaxdrop drop-in"]]
+  # Each jaxdrop row against the flax row of its own length.
+  assert body[1][4:] == ["50.00", "0.50", "2.0 MB", "1/4", "60.00", "1.50", "1.0 MB", "1/4",
+                         "3.00", "1.50"]
+  assert body[3][5] == "0.25" and body[3][9] == "0.50" and body[3][13] == "1.00"
+
+
 def test_transcribed_sections_carry_their_own_meta(report):
   results = dict(
       meta=dict(META, backend="gpu", device="Some GPU", source="transcribed from a page"),
