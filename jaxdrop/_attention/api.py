@@ -358,8 +358,9 @@ def dot_product_attention(
   bias = _check_broadcastable(bias, "bias", target, boolean=False)
   mask = _check_broadcastable(mask, "mask", target, boolean=True)
   scale = _check_scale(scale, head_dim)
-  if not isinstance(is_causal, (bool, np.bool_)):
-    raise TypeError(f"is_causal must be a bool, got is_causal={is_causal!r}")
+  for name, flag in (("is_causal", is_causal), ("broadcast_dropout", broadcast_dropout)):
+    if not isinstance(flag, (bool, np.bool_)):
+      raise TypeError(f"{name} must be a bool, got {name}={flag!r}")
   fixed = _validate.static_rate(dropout_rate, "dropout_rate")
   deterministic = _validate.check_deterministic(deterministic)
   implementation = check_implementation(implementation)
@@ -375,12 +376,10 @@ def dot_product_attention(
     # Nothing to compute, or no key to attend (every row outputs 0, as a row
     # with no allowed position): no implementation needed, with or without dropout.
     return jnp.zeros_like(q)
-  if not isinstance(broadcast_dropout, (bool, np.bool_)):
-    raise TypeError(f"broadcast_dropout must be a bool, got broadcast_dropout={broadcast_dropout!r}")
   config = base.Config(
       scale=scale,
       is_causal=bool(is_causal),
-      dropout_heads=(1, 1) if broadcast_dropout else (batch, heads),
+      dropout_heads=(1, 1) if bool(broadcast_dropout) else (batch, heads),
       fixed_rate=fixed,
       precision=precision,
   )
